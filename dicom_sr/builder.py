@@ -1,0 +1,690 @@
+"""Build the sononode Comprehensive 3D SR (TID 1500 Measurement Report).
+
+A pure builder: it takes the source instance headers (already read) and the typed
+:class:`~dicom_sr.model.StudyResult` and returns a :class:`pydicom.Dataset`; it reads
+and writes no files. Content tree (see :func:`build_sr` for details)::
+
+    Imaging Measurement Report (TID 1500)        title carries the disclaimer if simulated
+    ├─ Language, Device observer, Procedure reported: Diagnostic ultrasonography
+    ├─ Imaging Measurements
+    │  └─ Measurement Group (TID 1410 with an image region, else TID 1501), one per image
+    │     ├─ Tracking Identifier / Tracking Unique Identifier
+    │     ├─ Image Region (SCOORD on the source image) | Source of Measurement (IMAGE)
+    │     ├─ Image View = <view>        ├─ Probability (%), Decision threshold, TID 4019
+    │     ├─ Finding = <finding>        ├─ ... or "Requires human review" + reason
+    │     ├─ Image Quality = CID 6044   ├─ QC reason "code: message" per non-pass check
+    │     ├─ Number of Frames, Number of frames analysed
+    │     ├─ Out-of-distribution input = Yes/No  └─ score
+    │     └─ Human review = Requires human review  └─ reasons
+    └─ Qualitative Evaluations
+       ├─ Disclaimer (simulated training data)
+       ├─ Human review = Requires human review  └─ reasons
+       ├─ Study assessability = Not assessable  └─ reasons
+       ├─ Summary (plain text of the above and the conclusion)
+       ├─ Conclusion = <code> (or "Requires human review" + reason)
+       └─ AI model used (TID 4019), one per model pack
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from copy import deepcopy
+from importlib import metadata
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+from highdicom import UID as HdUID
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodeContentItem,
+    CodedConcept,
+    Comprehensive3DSR,
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    GraphicTypeValues,
+    ImageRegion,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    NumContentItem,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    RelationshipTypeValues,
+    SourceImageForMeasurementGroup,
+    SourceImageForRegion,
+    TextContentItem,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as pydicom_codes
+from pydicom.uid import generate_uid
+
+from dicom_sr import codes
+from dicom_sr.model import AlgorithmInfo, Classification, ImageResult, QCOutcome, StudyResult
+
+if TYPE_CHECKING:
+    from highdicom.sr import ContentItem
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERIES_NUMBER = 9001
+"""Series Number of the AI report series (high, so PACS lists it after acquisitions)."""
+
+DEFAULT_DEVICE_OBSERVER_NAME = "sononode"
+"""Name of the device observer (TID 1004) when none is given."""
+
+SERIES_DESCRIPTION = "sononode AI report"
+"""Series Description of the AI report series."""
+
+SERIES_DESCRIPTION_SIMULATED = "sononode AI report - SIMULATED DATA, NOT FOR CLINICAL USE"
+"""Series Description when a model pack was trained on simulated images."""
+
+_PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+"""Type 2 attributes highdicom copies from the first evidence instance."""
+
+_REQUIRED_SOURCE = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+_UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
+
+_CONTAINS = RelationshipTypeValues.CONTAINS
+_HAS_PROPERTIES = RelationshipTypeValues.HAS_PROPERTIES
+_HAS_CONCEPT_MOD = RelationshipTypeValues.HAS_CONCEPT_MOD
+
+
+def _default_software_versions() -> str:
+    try:
+        return f"sononode {metadata.version('sononode')}"
+    except metadata.PackageNotFoundError:
+        return "sononode"
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+def build_sr(
+    sources: Sequence[Dataset],
+    result: StudyResult,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    instance_number: int = 1,
+    series_number: int = DEFAULT_SERIES_NUMBER,
+    previous_versions: Sequence[Dataset] | None = None,
+    institution_name: str | None = None,
+    device_observer_name: str = DEFAULT_DEVICE_OBSERVER_NAME,
+    device_observer_uid: str | None = None,
+    manufacturer: str = "sononode",
+    software_versions: str | None = None,
+) -> Dataset:
+    """Build the Comprehensive 3D SR (TID 1500) reporting ``result`` on ``sources``.
+
+    Parameters
+    ----------
+    sources
+        Headers of the analysed source instances (pixel data may be absent). All
+        belong to the study of ``result``; every one is referenced in the Current
+        Requested Procedure Evidence Sequence and the patient and study modules are
+        copied from the first.
+    result
+        The analysis result. Every :class:`~dicom_sr.model.ImageResult` must refer to
+        one of ``sources``; each becomes one measurement group.
+    series_instance_uid
+        Series of the report: new, not a source series. Reuse the same AI series
+        when a report is superseded.
+    sop_instance_uid
+        SOP Instance UID of the report.
+    instance_number
+        Instance Number of the report within its series.
+    series_number
+        Series Number of the report series.
+    previous_versions
+        Earlier reports this one supersedes (headers suffice); referenced in the
+        Predecessor Documents Sequence.
+    institution_name
+        Institution Name of the equipment that creates the report.
+    device_observer_name
+        Name of the device observer (TID 1004).
+    device_observer_uid
+        UID of the device observer; derived from ``device_observer_name`` when None,
+        so the same node always reports under the same UID.
+    manufacturer
+        Manufacturer (General Equipment module) and device observer manufacturer.
+    software_versions
+        Software Versions of the equipment; defaults to ``"sononode <version>"``.
+
+    Returns
+    -------
+    pydicom.Dataset
+        A highdicom :class:`~highdicom.sr.Comprehensive3DSR`, Explicit VR Little
+        Endian, PRELIMINARY / UNVERIFIED / COMPLETE.
+
+    Raises
+    ------
+    ValueError
+        If ``sources`` is empty or lacks required attributes, mixes studies or
+        differs from ``result``'s study; if an image result refers to an instance
+        not among ``sources`` or repeats one; if ``result`` has no image results;
+        if a UID, region, frame count or code is invalid; or if a previous version
+        belongs to another study or is the report itself.
+    """
+    by_uid = _validate_sources(sources, result)
+    _validate_uids(series_instance_uid, sop_instance_uid, sources)
+    _validate_result(result, by_uid)
+    if previous_versions is not None and len(previous_versions) == 0:
+        previous_versions = None  # an empty Predecessor Documents Sequence is invalid
+    if previous_versions is not None:
+        _validate_previous_versions(previous_versions, result, sop_instance_uid)
+    if instance_number < 1 or series_number < 0:
+        raise ValueError(
+            f"instance_number must be >= 1 and series_number >= 0, got "
+            f"{instance_number} and {series_number}"
+        )
+
+    algorithms = _all_algorithms(result)
+    simulated = any(a.simulated_training_data for a in algorithms)
+
+    observer_uid = device_observer_uid or generate_uid(
+        entropy_srcs=["sononode-device-observer", device_observer_name]
+    )
+    observation_context = ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=pydicom_codes.DCM.Device,
+            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                uid=observer_uid,
+                name=device_observer_name,
+                manufacturer_name=manufacturer,
+                model_name="sononode",
+            ),
+        )
+    )
+    groups = [
+        _measurement_group(image, by_uid[image.sop_instance_uid], index, result.assessable)
+        for index, image in enumerate(result.images, start=1)
+    ]
+    try:
+        report = MeasurementReport(
+            observation_context=observation_context,
+            procedure_reported=codes.PROCEDURE_ULTRASOUND,
+            imaging_measurements=groups,
+            title=codes.TITLE_SIMULATED if simulated else codes.TITLE,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"cannot build the TID 1500 measurement report: {exc}") from exc
+    report[0].ContentSequence.append(_study_evaluations(result, algorithms, simulated))
+
+    header = _evidence_header(sources[0])
+    evidence = [header, *sources[1:]]
+    try:
+        sr = Comprehensive3DSR(
+            evidence=evidence,
+            content=report[0],
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number,
+            manufacturer=manufacturer,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            institution_name=institution_name,
+            previous_versions=previous_versions,
+            series_description=(
+                SERIES_DESCRIPTION_SIMULATED if simulated else SERIES_DESCRIPTION
+            ),
+            manufacturer_model_name="sononode",
+            software_versions=software_versions or _default_software_versions(),
+            coding_schemes=[
+                CodingSchemeIdentificationItem(
+                    designator=codes.PRIVATE_SCHEME,
+                    name=codes.PRIVATE_SCHEME_NAME,
+                    responsible_organization=manufacturer,
+                )
+            ],
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(f"cannot build the Comprehensive 3D SR: {exc}") from exc
+    logger.debug(
+        "built SR %s for study %s (%d image groups, needs_review=%s, simulated=%s)",
+        sop_instance_uid, result.study_instance_uid, len(groups), result.needs_review,
+        simulated,
+    )
+    return sr
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+def _validate_sources(sources: Sequence[Dataset], result: StudyResult) -> dict[str, Dataset]:
+    if len(sources) == 0:
+        raise ValueError("sources is empty: an SR needs at least one analysed source instance")
+    by_uid: dict[str, Dataset] = {}
+    for position, source in enumerate(sources):
+        if not isinstance(source, Dataset):
+            raise TypeError(
+                f"sources[{position}] must be a pydicom Dataset, got {type(source).__name__}"
+            )
+        missing = [kw for kw in _REQUIRED_SOURCE if not source.get(kw)]
+        if missing:
+            raise ValueError(f"sources[{position}] lacks required attribute(s) {missing}")
+        uid = str(source.SOPInstanceUID)
+        if uid in by_uid:
+            raise ValueError(f"sources[{position}] repeats SOP Instance UID {uid}")
+        if str(source.StudyInstanceUID) != result.study_instance_uid:
+            raise ValueError(
+                f"sources[{position}] ({uid}) belongs to study {source.StudyInstanceUID}, "
+                f"not to the result's study {result.study_instance_uid}"
+            )
+        by_uid[uid] = source
+    return by_uid
+
+
+def _validate_uids(series_uid: str, sop_uid: str, sources: Sequence[Dataset]) -> None:
+    for name, value in (("series_instance_uid", series_uid), ("sop_instance_uid", sop_uid)):
+        if not isinstance(value, str) or not _UID_PATTERN.fullmatch(value) or len(value) > 64:
+            raise ValueError(f"{name} is not a valid UID: {value!r}")
+    source_series = {str(s.SeriesInstanceUID) for s in sources}
+    if series_uid in source_series:
+        raise ValueError(
+            f"series_instance_uid {series_uid} is a source series; the SR needs its own series"
+        )
+    if sop_uid in {str(s.SOPInstanceUID) for s in sources}:
+        raise ValueError(f"sop_instance_uid {sop_uid} is the UID of a source instance")
+
+
+def _validate_result(result: StudyResult, by_uid: dict[str, Dataset]) -> None:
+    if len(result.images) == 0:
+        raise ValueError(
+            f"result for study {result.study_instance_uid} has no image results; "
+            "an SR needs at least one measurement group"
+        )
+    seen: set[str] = set()
+    for image in result.images:
+        uid = image.sop_instance_uid
+        if uid in seen:
+            raise ValueError(f"result has more than one image result for instance {uid}")
+        seen.add(uid)
+        source = by_uid.get(uid)
+        if source is None:
+            raise ValueError(
+                f"result references instance {uid}, which is not among the "
+                f"{len(by_uid)} source instance(s)"
+            )
+        if image.sop_class_uid != str(source.SOPClassUID):
+            raise ValueError(
+                f"image result {uid} has SOP Class UID {image.sop_class_uid}, "
+                f"but the source instance has {source.SOPClassUID}"
+            )
+        if image.frames_total < 1 or not 0 <= image.frames_used <= image.frames_total:
+            raise ValueError(
+                f"image result {uid}: frames_used={image.frames_used} and "
+                f"frames_total={image.frames_total} must satisfy "
+                "0 <= frames_used <= frames_total and frames_total >= 1"
+            )
+        if image.region is not None:
+            _validate_region(image.region, source, uid)
+        for classification in (image.view, image.finding):
+            if classification is not None:
+                _validate_classification(classification, f"image result {uid}")
+    if result.conclusion is not None:
+        _validate_classification(result.conclusion, "study conclusion")
+
+
+def _validate_region(region: tuple[int, ...], source: Dataset, uid: str) -> None:
+    if len(region) != 4:
+        raise ValueError(
+            f"image result {uid}: region must be (column0, row0, column1, row1), got {region!r}"
+        )
+    c0, r0, c1, r1 = region
+    if not (0 <= c0 < c1 and 0 <= r0 < r1):
+        raise ValueError(
+            f"image result {uid}: region {region!r} must satisfy 0 <= column0 < column1 "
+            "and 0 <= row0 < row1"
+        )
+    columns, rows = source.get("Columns"), source.get("Rows")
+    if columns is not None and rows is not None and (c1 > columns or r1 > rows):
+        raise ValueError(
+            f"image result {uid}: region {region!r} exceeds the {columns}x{rows} image"
+        )
+
+
+def _validate_classification(classification: Classification, where: str) -> None:
+    label = classification.code
+    if len(label.meaning) > 64 or len(label.value) > 16:
+        raise ValueError(
+            f"{where}: code {label.value!r} / {label.meaning!r} of task "
+            f"{classification.task!r} exceeds DICOM limits (value 16, meaning 64 characters)"
+        )
+    if classification.abstained and not (classification.reason or "").strip():
+        raise ValueError(
+            f"{where}: abstained {classification.task!r} classification needs a reason"
+        )
+
+
+def _validate_previous_versions(
+    previous: Sequence[Dataset], result: StudyResult, sop_uid: str
+) -> None:
+    for position, dataset in enumerate(previous):
+        missing = [kw for kw in _REQUIRED_SOURCE if not dataset.get(kw)]
+        if missing:
+            raise ValueError(f"previous_versions[{position}] lacks attribute(s) {missing}")
+        if str(dataset.StudyInstanceUID) != result.study_instance_uid:
+            raise ValueError(
+                f"previous_versions[{position}] ({dataset.SOPInstanceUID}) belongs to study "
+                f"{dataset.StudyInstanceUID}, not to {result.study_instance_uid}"
+            )
+        if str(dataset.SOPInstanceUID) == sop_uid:
+            raise ValueError(
+                f"previous_versions[{position}] is the report being built ({sop_uid})"
+            )
+
+
+# --------------------------------------------------------------------------------------
+# Content
+# --------------------------------------------------------------------------------------
+def _all_algorithms(result: StudyResult) -> list[AlgorithmInfo]:
+    """Algorithms of the result, then any only named by a classification, in order."""
+    found: list[AlgorithmInfo] = list(dict.fromkeys(result.algorithms))
+    classifications: list[Classification | None] = [result.conclusion]
+    for image in result.images:
+        classifications.extend((image.view, image.finding))
+    for classification in classifications:
+        if classification is not None and classification.algorithm not in found:
+            found.append(classification.algorithm)
+    return found
+
+
+def algorithm_name(algorithm: AlgorithmInfo) -> str:
+    """Return the TID 4019 Algorithm Name written for ``algorithm``.
+
+    Parameters
+    ----------
+    algorithm
+        The model pack identity.
+
+    Returns
+    -------
+    str
+        ``algorithm.name``, followed by :data:`dicom_sr.codes.SIMULATED_SUFFIX`
+        when the pack was trained on simulated images.
+    """
+    if algorithm.simulated_training_data:
+        return algorithm.name + codes.SIMULATED_SUFFIX
+    return algorithm.name
+
+
+def _algorithm_id(algorithm: AlgorithmInfo) -> AlgorithmIdentification:
+    return AlgorithmIdentification(
+        name=algorithm_name(algorithm),
+        version=algorithm.version,
+        parameters=[f"sha256={algorithm.sha256}"],
+        family=codes.ALGORITHM_FAMILY,
+    )
+
+
+def _code(name: CodedConcept, value: CodedConcept, relationship: RelationshipTypeValues,
+          children: Iterable[Dataset] = ()) -> CodeContentItem:
+    item = CodeContentItem(name=name, value=value, relationship_type=relationship)
+    _attach(item, children)
+    return item
+
+
+def _text(name: CodedConcept, value: str, relationship: RelationshipTypeValues,
+          children: Iterable[Dataset] = ()) -> TextContentItem:
+    item = TextContentItem(name=name, value=value, relationship_type=relationship)
+    _attach(item, children)
+    return item
+
+
+def _num(name: CodedConcept, value: float, unit: CodedConcept,
+         relationship: RelationshipTypeValues) -> NumContentItem:
+    return NumContentItem(name=name, value=value, unit=unit, relationship_type=relationship)
+
+
+def _attach(item: ContentItem, children: Iterable[Dataset]) -> None:
+    # Templates iterate as pydicom Datasets but hold highdicom ContentItems.
+    sequence = ContentSequence(cast("list[ContentItem]", list(children)))
+    if len(sequence) > 0:
+        item.ContentSequence = sequence
+
+
+def _percent(probability: float) -> float:
+    # DS holds 16 characters; four decimals of a percentage keep 1e-6 of the probability.
+    return round(probability * 100.0, 4)
+
+
+def _classification_item(name: CodedConcept, classification: Classification,
+                         *, withheld_reason: str | None = None) -> CodeContentItem:
+    """CODE item for a classification, or "Requires human review" when it is withheld.
+
+    A withheld label is not written at all: neither its code nor its probability,
+    so no viewer can present it as a finding.
+    """
+    children: list[Dataset] = []
+    reason = withheld_reason or (classification.reason if classification.abstained else None)
+    if reason is not None:
+        value = codes.REQUIRES_HUMAN_REVIEW
+        children.append(_text(codes.REVIEW_REASON, reason, _HAS_PROPERTIES))
+    else:
+        value = CodedConcept(
+            value=classification.code.value,
+            scheme_designator=classification.code.scheme,
+            meaning=classification.code.meaning,
+        )
+        children.append(
+            _num(codes.PROBABILITY, _percent(classification.probability), codes.PERCENT,
+                 _HAS_PROPERTIES)
+        )
+    if classification.threshold is not None:
+        children.append(
+            _num(codes.DECISION_THRESHOLD, _percent(classification.threshold), codes.PERCENT,
+                 _HAS_PROPERTIES)
+        )
+    children.extend(_algorithm_id(classification.algorithm))
+    return _code(name, value, _CONTAINS, children)
+
+
+def _review_item(reasons: Sequence[str]) -> CodeContentItem:
+    return _code(
+        codes.HUMAN_REVIEW,
+        codes.REQUIRES_HUMAN_REVIEW,
+        _CONTAINS,
+        [_text(codes.REVIEW_REASON, r, _HAS_PROPERTIES) for r in reasons or ("unspecified",)],
+    )
+
+
+def _tracking_identifier(image: ImageResult, source: Dataset, index: int) -> TrackingIdentifier:
+    series, number = source.get("SeriesNumber"), source.get("InstanceNumber")
+    readable = (
+        f"US image {series}/{number}" if series is not None and number is not None
+        else f"US image {index}"
+    )
+    # Derived from the instance, so a superseding SR tracks the same image under the same UID.
+    uid = generate_uid(entropy_srcs=["sononode-tracking", image.sop_instance_uid])
+    return TrackingIdentifier(uid=HdUID(uid), identifier=readable)
+
+
+def _measurement_group(
+    image: ImageResult, source: Dataset, index: int, assessable: bool
+) -> PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations:
+    tracking = _tracking_identifier(image, source, index)
+    sop_class, sop_uid = str(source.SOPClassUID), str(source.SOPInstanceUID)
+    group: PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+    if image.region is not None:
+        c0, r0, c1, r1 = image.region
+        polygon = np.array(
+            [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=float
+        )
+        region = ImageRegion(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=polygon,
+            source_image=SourceImageForRegion(
+                referenced_sop_class_uid=sop_class, referenced_sop_instance_uid=sop_uid
+            ),
+        )
+        group = PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, referenced_region=region
+        )
+    else:
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            source_images=[
+                SourceImageForMeasurementGroup(
+                    referenced_sop_class_uid=sop_class, referenced_sop_instance_uid=sop_uid
+                )
+            ],
+        )
+    content = group[0].ContentSequence
+    if image.view is not None:
+        content.append(_classification_item(codes.IMAGE_VIEW, image.view))
+    if image.finding is not None and assessable:
+        content.append(_classification_item(codes.FINDING, image.finding))
+    content.append(_qc_item(image))
+    content.append(
+        _num(codes.NUMBER_OF_FRAMES, image.frames_total, codes.FRAMES_UNIT, _CONTAINS)
+    )
+    content.append(
+        _num(codes.FRAMES_ANALYSED, image.frames_used, codes.FRAMES_UNIT, _CONTAINS)
+    )
+    if image.out_of_distribution or image.ood_score is not None:
+        children = []
+        if image.ood_score is not None:
+            children.append(
+                _num(codes.OOD_SCORE, float(image.ood_score), codes.NO_UNITS, _HAS_PROPERTIES)
+            )
+        content.append(
+            _code(codes.OUT_OF_DISTRIBUTION, codes.YES if image.out_of_distribution else codes.NO,
+                  _CONTAINS, children)
+        )
+    if image.needs_review:
+        content.append(_review_item(image.review_reasons))
+    return group
+
+
+def _qc_item(image: ImageResult) -> CodeContentItem:
+    children: list[Dataset] = []
+    for check in image.qc_checks:
+        if check.outcome is QCOutcome.PASS:
+            continue
+        children.append(
+            _text(
+                codes.QC_REASON,
+                f"{check.code}: {check.message}",
+                _HAS_PROPERTIES,
+                [_code(codes.QC_CHECK_OUTCOME, codes.QC_OUTCOME_CODES[check.outcome],
+                       _HAS_CONCEPT_MOD)],
+            )
+        )
+    if image.quality_score is not None:
+        children.append(
+            _num(codes.QUALITY_SCORE, float(image.quality_score), codes.NO_UNITS,
+                 _HAS_PROPERTIES)
+        )
+    return _code(codes.IMAGE_QUALITY, codes.QC_OUTCOME_CODES[image.qc_outcome], _CONTAINS,
+                 children)
+
+
+def not_assessable_reasons(result: StudyResult) -> list[str]:
+    """Return the reasons a study is not assessable, most specific first, deduplicated.
+
+    Parameters
+    ----------
+    result
+        The study result; only meaningful when ``result.assessable`` is False.
+
+    Returns
+    -------
+    list of str
+        The study's review reasons followed by the messages of failed QC checks.
+    """
+    reasons = list(result.review_reasons)
+    for image in result.images:
+        reasons.extend(
+            f"{check.code}: {check.message}"
+            for check in image.qc_checks
+            if check.outcome is QCOutcome.FAIL
+        )
+    return list(dict.fromkeys(reasons)) or ["no image passed quality control"]
+
+
+def _summary_text(result: StudyResult, simulated: bool) -> str:
+    lines: list[str] = []
+    if simulated:
+        lines.append(codes.SIMULATED_DISCLAIMER)
+    if result.needs_review:
+        lines.append("REQUIRES HUMAN REVIEW: " + ("; ".join(result.review_reasons)
+                                                  or "unspecified"))
+    if not result.assessable:
+        lines.append("Study NOT ASSESSABLE by the AI models: "
+                     + "; ".join(not_assessable_reasons(result)))
+    conclusion = result.conclusion
+    if conclusion is not None and result.assessable:
+        if conclusion.abstained:
+            lines.append(f"Conclusion withheld, requires human review: {conclusion.reason}")
+        else:
+            lines.append(
+                f"AI conclusion: {conclusion.code.meaning} "
+                f"(probability {_percent(conclusion.probability):g} %)"
+            )
+    lines.append(
+        f"{len(result.images)} image(s) analysed; results are preliminary and unverified."
+    )
+    return "\n".join(lines)
+
+
+def _study_evaluations(
+    result: StudyResult, algorithms: Sequence[AlgorithmInfo], simulated: bool
+) -> ContainerContentItem:
+    container = ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS
+    )
+    items: list[Dataset] = []
+    if simulated:
+        items.append(_text(codes.DISCLAIMER, codes.SIMULATED_DISCLAIMER, _CONTAINS))
+    # Review and assessability first: the statements a radiologist must not miss.
+    if result.needs_review:
+        items.append(_review_item(result.review_reasons))
+    if not result.assessable:
+        items.append(
+            _code(codes.ASSESSABILITY, codes.NOT_ASSESSABLE, _CONTAINS,
+                  [_text(codes.NOT_ASSESSABLE_REASON, r, _HAS_PROPERTIES)
+                   for r in not_assessable_reasons(result)])
+        )
+    items.append(_text(codes.SUMMARY, _summary_text(result, simulated), _CONTAINS))
+    if result.conclusion is not None and result.assessable:
+        items.append(_classification_item(codes.CONCLUSION, result.conclusion))
+    for algorithm in algorithms:
+        items.append(
+            _code(codes.MODEL_USED, codes.ALGORITHM_FAMILY, _CONTAINS, _algorithm_id(algorithm))
+        )
+    _attach(container, items)
+    return container
+
+
+def _evidence_header(first: Dataset) -> Dataset:
+    """Copy of the first source's header with absent Type 2 patient/study attributes empty.
+
+    highdicom copies these from the first evidence instance and needs them present;
+    Type 2 allows them empty, and a missing StudyID must not block the report.
+    """
+    header = Dataset()
+    for element in first:
+        if element.tag != 0x7FE00010:  # PixelData: never needed, possibly large
+            header.add(deepcopy(element))
+    for keyword in _PATIENT_STUDY_TYPE2:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
