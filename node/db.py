@@ -1,0 +1,301 @@
+"""The index: SQLAlchemy models and sessions. The database is the node's source of truth.
+
+Every state change of a study, a job or an export is a row update here; the broker
+only carries identifiers. SQLite (WAL mode) by default, PostgreSQL by URL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: stored the same way in SQLite and PostgreSQL."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class StudyState(StrEnum):
+    """Where a study is in its life on the node."""
+
+    STORED = "stored"
+    """Only objects that are not analysed (documents, non-US images): stored, nothing to do."""
+    RECEIVING = "receiving"
+    """Images are arriving; not yet stable for ``study_stable_seconds``."""
+    PROCESSING = "processing"
+    """A job runs for the study (QC, inference, report)."""
+    REPORTED = "reported"
+    """The SR exists; exports are under way."""
+    EXPORTED = "exported"
+    """The SR of the latest job was accepted by every destination."""
+    EXPORT_FAILED = "export_failed"
+    """At least one export was dead-lettered (see ``/exports``; replayable)."""
+    FAILED = "failed"
+    """The job failed permanently (see the job's error)."""
+
+
+class JobState(StrEnum):
+    """Stages of one analysis job (QC -> inference -> report -> export)."""
+
+    QUEUED = "queued"
+    QC_DONE = "qc_done"
+    INFERRED = "inferred"
+    REPORTED = "reported"
+    DONE = "done"
+    FAILED = "failed"
+
+
+#: Job states after which nothing more runs for the job.
+TERMINAL_JOB_STATES = frozenset({JobState.DONE, JobState.FAILED})
+
+
+class ExportState(StrEnum):
+    """Delivery of one SR to one destination."""
+
+    PENDING = "pending"
+    RETRYING = "retrying"
+    SENT = "sent"
+    DEAD = "dead"
+    """Retry budget spent or permanent refusal; replay with ``POST /exports/{id}/replay``."""
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}  # noqa: RUF012
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING, index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    """Incremented for every new instance; a job analyses one revision."""
+    analysed_revision: Mapped[int] = mapped_column(Integer, default=0)
+    """Revision of the latest job created for the study."""
+    first_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    sr_series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="study")
+    jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("studies.study_instance_uid"), index=True
+    )
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    manufacturer: Mapped[str | None] = mapped_column(String(64), index=True)
+    manufacturer_model_name: Mapped[str | None] = mapped_column(String(64))
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    photometric_interpretation: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    """Relative to the spool directory."""
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_instance_uid: Mapped[str] = mapped_column(
+        ForeignKey("studies.study_instance_uid"), index=True
+    )
+    revision: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    """How many times the chain was dispatched (the reconciler re-dispatches stale jobs)."""
+    error: Mapped[str | None] = mapped_column(Text)
+    qc: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sr_path: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    stage_seconds: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    study: Mapped[Study] = relationship(back_populates="jobs")
+    exports: Mapped[list[Export]] = relationship(back_populates="job", order_by="Export.id")
+
+
+class ImageResultRow(Base):
+    """One row per analysed image: what the dashboards and drift monitoring read."""
+
+    __tablename__ = "image_results"
+    __table_args__ = (Index("ix_image_results_vendor_time", "manufacturer", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    manufacturer: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    qc_outcome: Mapped[str] = mapped_column(String(8))
+    view_label: Mapped[str | None] = mapped_column(String(64))
+    view_probability: Mapped[float | None] = mapped_column(Float)
+    finding_label: Mapped[str | None] = mapped_column(String(64))
+    finding_probability: Mapped[float | None] = mapped_column(Float)
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    needs_review: Mapped[bool] = mapped_column(default=False)
+    mean_intensity: Mapped[float | None] = mapped_column(Float)
+    std_intensity: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Export(Base):
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    destination: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16), default=ExportState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    job: Mapped[Job] = relationship(back_populates="exports")
+
+
+def settle_job(session: Session, job_id: int) -> None:
+    """Move the job and its study on once every export has an outcome."""
+    # Lock the job row: two exports of one job finishing together must not both see the
+    # other still pending (PostgreSQL read committed) and leave the job unsettled.
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None:
+        return
+    states = set(session.scalars(select(Export.state).where(Export.job_id == job_id)).all())
+    if not states or states & {ExportState.PENDING, ExportState.RETRYING}:
+        return
+    if job.state == JobState.DONE:
+        return
+    job.state = JobState.DONE
+    job.updated_at = utcnow()
+    study = session.get(Study, job.study_instance_uid)
+    latest = session.scalar(
+        select(func.max(Job.id)).where(Job.study_instance_uid == job.study_instance_uid)
+    )
+    if study is not None and latest == job.id and study.state != StudyState.RECEIVING:
+        study.state = (
+            StudyState.EXPORT_FAILED if ExportState.DEAD in states else StudyState.EXPORTED
+        )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the listener, scheduler, workers and API read while one of them writes;
+    # the busy timeout makes concurrent writers wait instead of failing.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url`` with the node's connection settings."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return engine
+
+
+class Database:
+    """Engine plus session factory for one process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        """Create missing tables (idempotent; every process calls it on start)."""
+        Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session committed on success and rolled back on error."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def open_database(url: str, data_dir: Path | None = None) -> Database:
+    """Open (and create the schema of) the index at ``url``.
+
+    The data directory is created first so that the default SQLite file can be made.
+    """
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(url)
+    db.create_schema()
+    return db

@@ -1,0 +1,281 @@
+"""DIMSE handlers of the listener: plain functions, collaborators bound as arguments.
+
+Every I/O step of a C-STORE fails into a named DICOM status (logged with the
+exception); nothing raised here reaches pynetdicom, whose own fallback would answer
+with a generic status and no log line of ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from node import sop_classes
+from node.index import InstanceMeta, RegisterOutcome, is_indexed, register_instance
+from node.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED, RECEIVE_SECONDS
+
+if TYPE_CHECKING:
+    from pynetdicom.events import Event
+
+    from node.db import Database
+    from node.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses the node answers with (PS3.4 B.2.3, PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    """The instance is durable in the spool and indexed."""
+    NOT_AUTHORISED = 0x0124
+    """Refused by policy: calling AE not allowed, or modality not accepted."""
+    OUT_OF_RESOURCES = 0xA700
+    """Disk, file system or database failure: the sender should retry later."""
+    DOES_NOT_MATCH = 0xA900
+    """Dataset's SOP Class/Instance UID differ from the request's."""
+    CANNOT_UNDERSTAND = 0xC210
+    """Not a parseable DICOM dataset (corrupt, truncated, not DICOM at all)."""
+
+
+@dataclass(frozen=True)
+class StorePolicy:
+    """What the listener accepts."""
+
+    accept_non_ultrasound: bool = False
+    calling_ae_whitelist: tuple[str, ...] = ()
+    min_free_bytes: int = 64 * 1024 * 1024
+
+
+def handle_echo(event: Event) -> int:
+    """C-ECHO: always Success (verification)."""
+    logger.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
+    return 0x0000
+
+
+def _reject(status: StoreStatus, reason: str, message: str, *args: object) -> int:
+    INSTANCES_REJECTED.labels(reason=reason).inc()
+    logger.warning("C-STORE refused (0x%04X %s): " + message, int(status), reason, *args)
+    return int(status)
+
+
+def handle_store(event: Event, spool: Spool, db: Database, policy: StorePolicy) -> int:
+    """C-STORE: make the instance durable, index it, and only then answer Success.
+
+    The dataset arrives as a file written by pynetdicom in the spool's incoming
+    directory (``STORE_RECV_CHUNKED_DATASET``), so memory does not grow with the size
+    of a cine loop; it is parsed without its pixel data, fsynced and renamed into the
+    spool, then indexed.
+    """
+    calling_ae = str(event.assoc.requestor.ae_title).strip()
+    temp_path: Path | None = None
+    try:
+        temp_path = Path(event.dataset_path)
+    except (AttributeError, TypeError):
+        temp_path = None  # chunked receive is off (library use): the dataset is in memory
+
+    try:
+        with RECEIVE_SECONDS.time():
+            return _store(event, spool, db, policy, calling_ae, temp_path)
+    finally:
+        # pynetdicom unlinks its temp file too; this covers every early return.
+        if temp_path is not None and temp_path.exists():
+            try:
+                temp_path.unlink()
+            except OSError:
+                logger.warning("could not remove temporary file %s", temp_path)
+
+
+def _store(
+    event: Event,
+    spool: Spool,
+    db: Database,
+    policy: StorePolicy,
+    calling_ae: str,
+    temp_path: Path | None,
+) -> int:
+    if policy.calling_ae_whitelist and calling_ae not in policy.calling_ae_whitelist:
+        return _reject(StoreStatus.NOT_AUTHORISED, "calling_ae", "AE %r not allowed", calling_ae)
+
+    request = event.request
+    transfer_syntax = str(event.context.transfer_syntax)
+
+    # 1. Parse the header (never the pixel data) from the received file.
+    try:
+        if temp_path is not None:
+            ds = dcmread(temp_path, stop_before_pixels=True)
+        else:
+            ds = event.dataset  # chunked receive is off (library use)
+        meta = InstanceMeta.from_dataset(ds, transfer_syntax)
+    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError,
+            AttributeError, NotImplementedError) as exc:
+        logger.exception("C-STORE from %s: dataset cannot be parsed", calling_ae)
+        return _reject(StoreStatus.CANNOT_UNDERSTAND, "unparseable", "%s", exc)
+    except Exception as exc:  # pydicom raises assorted errors on corrupt input
+        logger.exception("C-STORE from %s: unexpected error parsing the dataset", calling_ae)
+        return _reject(StoreStatus.CANNOT_UNDERSTAND, "unparseable", "%s", exc)
+
+    if temp_path is not None:
+        try:
+            check_complete(temp_path)
+        except Exception as exc:
+            logger.exception("C-STORE from %s: dataset is truncated or corrupt", calling_ae)
+            return _reject(StoreStatus.CANNOT_UNDERSTAND, "truncated", "%s", exc)
+
+    if meta.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip() or (
+        meta.sop_class_uid != str(request.AffectedSOPClassUID).strip()
+    ):
+        return _reject(
+            StoreStatus.DOES_NOT_MATCH,
+            "uid_mismatch",
+            "dataset UIDs %s/%s differ from the request's",
+            meta.sop_class_uid,
+            meta.sop_instance_uid,
+        )
+
+    if not policy.accept_non_ultrasound and not sop_classes.is_ultrasound_department_object(
+        meta.sop_class_uid, meta.modality
+    ):
+        return _reject(
+            StoreStatus.NOT_AUTHORISED,
+            "not_ultrasound",
+            "modality %r (SOP class %s) not accepted (SONONODE_ACCEPT_NON_ULTRASOUND=false)",
+            meta.modality,
+            meta.sop_class_uid,
+        )
+
+    # 2. Idempotence: a re-sent instance is stored once.
+    try:
+        if is_indexed(db, meta.sop_instance_uid):
+            logger.info("instance %s re-sent by %s: already stored", meta.sop_instance_uid,
+                        calling_ae)
+            INSTANCES_RECEIVED.labels(vendor=_vendor(meta), outcome="duplicate").inc()
+            return int(StoreStatus.SUCCESS)
+    except Exception:
+        logger.exception("index unavailable while checking %s", meta.sop_instance_uid)
+        return _reject(StoreStatus.OUT_OF_RESOURCES, "index_error", "index unavailable")
+
+    # 3. Durable file in the spool.
+    relative = spool.relative_path(
+        meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid
+    )
+    try:
+        if spool.free_bytes() < policy.min_free_bytes:
+            return _reject(StoreStatus.OUT_OF_RESOURCES, "disk_full", "spool disk nearly full")
+        if temp_path is not None:
+            final = spool.commit(temp_path, relative)
+        else:
+            final = spool.write_bytes(event.encoded_dataset(include_meta=True), relative)
+        size = final.stat().st_size
+    except OSError:
+        logger.exception("cannot store %s in the spool", meta.sop_instance_uid)
+        return _reject(StoreStatus.OUT_OF_RESOURCES, "spool_error", "spool write failed")
+
+    # 4. Index. Success is answered only after this commit.
+    try:
+        outcome = register_instance(
+            db, meta, path=str(relative), size_bytes=size, calling_ae_title=calling_ae
+        )
+    except Exception:
+        logger.exception("cannot index %s", meta.sop_instance_uid)
+        # Leave the file: a retry from the modality replaces it and indexes it.
+        return _reject(StoreStatus.OUT_OF_RESOURCES, "index_error", "index write failed")
+
+    INSTANCES_RECEIVED.labels(
+        vendor=_vendor(meta),
+        outcome="stored" if outcome is RegisterOutcome.NEW else "duplicate",
+    ).inc()
+    logger.info(
+        "stored %s (study %s, %s, %d frame(s), %d bytes, ts %s) from %s",
+        meta.sop_instance_uid,
+        meta.study_instance_uid,
+        meta.manufacturer or "unknown vendor",
+        meta.number_of_frames,
+        size,
+        meta.transfer_syntax_uid,
+        calling_ae,
+    )
+    return int(StoreStatus.SUCCESS)
+
+
+_DEFLATED = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})
+_ITEM = b"\xfe\xff\x00\xe0"
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
+
+
+def check_complete(path: Path) -> None:
+    """Raise ValueError unless the file holds every element it declares.
+
+    A truncated stream parses up to where it stops (pydicom only warns), so the header
+    alone proves nothing. Large values are deferred, not loaded: a defined-length value
+    is checked against the file size; an encapsulated (undefined-length) pixel data value
+    must consist of whole items followed by its sequence delimiter. A deflated dataset is
+    inflated in memory, where a truncated stream fails to inflate or to parse.
+    """
+    size = path.stat().st_size
+    ds = dcmread(path, defer_size=64 * 1024)
+    deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) in _DEFLATED
+    if "SOPInstanceUID" not in ds:
+        # pydicom gives up on (and empties) a dataset whose last value ends prematurely.
+        raise ValueError("dataset is incomplete (truncated)")
+    if "Rows" in ds and not any(k in ds for k in ("PixelData", "FloatPixelData",
+                                                   "DoubleFloatPixelData")):
+        # pydicom drops an encapsulated value cut before its delimiter (with a warning).
+        raise ValueError("image without pixel data: missing or truncated")
+    for tag in list(ds.keys()):
+        # get_item returns the raw element without reading a deferred value.
+        raw = ds.get_item(tag)
+        tell = getattr(raw, "value_tell", None)
+        length = getattr(raw, "length", None)
+        if tell is None or length is None:
+            continue
+        if length == 0xFFFFFFFF:
+            value = getattr(raw, "value", None)
+            if isinstance(value, bytes | bytearray):
+                _check_items(bytes(value), tag)
+                if not deflated:
+                    with open(path, "rb") as handle:
+                        handle.seek(tell + len(value))
+                        if handle.read(4) != _SEQUENCE_DELIMITER:
+                            raise ValueError(f"element {tag}: no sequence delimiter (truncated)")
+        elif not deflated and tell + length > size:
+            raise ValueError(
+                f"element {tag} declares {length} bytes at offset {tell}, file has {size} bytes"
+            )
+
+
+def _check_items(value: bytes, tag: object) -> None:
+    """Walk the items of an encapsulated value; every one must be complete."""
+    offset = 0
+    while offset < len(value):
+        header = value[offset:offset + 8]
+        if len(header) < 8 or header[:4] != _ITEM:
+            raise ValueError(f"element {tag}: malformed item at byte {offset}")
+        item_length = int.from_bytes(header[4:8], "little")
+        offset += 8 + item_length
+        if offset > len(value):
+            raise ValueError(f"element {tag}: item at byte {offset} is truncated")
+
+
+def _vendor(meta: InstanceMeta) -> str:
+    return meta.manufacturer or "unknown"
+
+
+def set_incoming_dir(path: Path) -> None:
+    """Make pynetdicom write received datasets into ``path`` (same filesystem as the spool).
+
+    pynetdicom creates its chunked-receive files with :class:`tempfile.NamedTemporaryFile`,
+    which uses :data:`tempfile.tempdir`; pointing it at the spool's incoming directory turns
+    the move into the spool into an atomic rename.
+    """
+    import tempfile
+
+    path.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = os.fspath(path)

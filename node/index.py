@@ -1,0 +1,193 @@
+"""Index operations on received instances (what the listener records)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pydicom.dataset import Dataset
+from sqlalchemy.exc import IntegrityError
+
+from node.db import Database, Instance, Study, StudyState, utcnow
+from node.sop_classes import is_analysed
+
+logger = logging.getLogger(__name__)
+
+
+class RegisterOutcome(StrEnum):
+    """What registering an instance did."""
+
+    NEW = "new"
+    """First time this SOP Instance UID was seen: indexed, study revision bumped."""
+    DUPLICATE = "duplicate"
+    """Already indexed: the re-sent copy is discarded (stored once)."""
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """Header fields of a received instance, read without its pixel data."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    manufacturer: str | None
+    manufacturer_model_name: str | None
+    number_of_frames: int
+    rows: int | None
+    columns: int | None
+    photometric_interpretation: str | None
+    series_number: int | None
+    instance_number: int | None
+    patient_id: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str) -> InstanceMeta:
+        """Read the fields from ``ds``.
+
+        Raises
+        ------
+        ValueError
+            If a UID that identifies the instance is missing or empty.
+        """
+        missing = [
+            kw
+            for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+            if not str(ds.get(kw, "") or "").strip()
+        ]
+        if missing:
+            raise ValueError(f"dataset lacks {', '.join(missing)}")
+        too_long = [
+            kw
+            for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+            if len(str(ds.get(kw)).strip()) > 64
+        ]
+        if too_long:
+            raise ValueError(f"{', '.join(too_long)} longer than 64 characters")
+
+        def text(keyword: str, limit: int = 64) -> str | None:
+            value = ds.get(keyword)
+            return str(value)[:limit] if value not in (None, "") else None
+
+        def integer(keyword: str) -> int | None:
+            value = ds.get(keyword)
+            try:
+                return int(value) if value not in (None, "") else None
+            except (TypeError, ValueError):
+                return None
+
+        return cls(
+            sop_instance_uid=str(ds.SOPInstanceUID).strip(),
+            sop_class_uid=str(ds.SOPClassUID).strip(),
+            study_instance_uid=str(ds.StudyInstanceUID).strip(),
+            series_instance_uid=str(ds.SeriesInstanceUID).strip(),
+            transfer_syntax_uid=transfer_syntax_uid,
+            modality=text("Modality", 16),
+            manufacturer=text("Manufacturer"),
+            manufacturer_model_name=text("ManufacturerModelName"),
+            number_of_frames=integer("NumberOfFrames") or 1,
+            rows=integer("Rows"),
+            columns=integer("Columns"),
+            photometric_interpretation=text("PhotometricInterpretation", 16),
+            series_number=integer("SeriesNumber"),
+            instance_number=integer("InstanceNumber"),
+            patient_id=text("PatientID"),
+            accession_number=text("AccessionNumber", 16),
+            study_date=text("StudyDate", 8),
+            study_description=text("StudyDescription"),
+        )
+
+
+def is_indexed(db: Database, sop_instance_uid: str) -> bool:
+    """True when the instance is already in the index."""
+    with db.session() as session:
+        return session.get(Instance, sop_instance_uid) is not None
+
+
+def register_instance(
+    db: Database, meta: InstanceMeta, *, path: str, size_bytes: int, calling_ae_title: str | None
+) -> RegisterOutcome:
+    """Index a durable instance and mark its study as receiving.
+
+    A new image bumps the study's revision and ``last_received_at``; the scheduler
+    starts (or restarts) analysis once the study has been stable long enough.
+    Two associations creating the same new study at once collide on the study row;
+    the loser retries, so neither instance is lost.
+    """
+    for attempt in range(3):
+        try:
+            return _register(db, meta, path=path, size_bytes=size_bytes,
+                             calling_ae_title=calling_ae_title)
+        except IntegrityError:
+            if is_indexed(db, meta.sop_instance_uid):
+                logger.info("instance %s indexed concurrently; keeping one copy",
+                            meta.sop_instance_uid)
+                return RegisterOutcome.DUPLICATE
+            logger.info("study %s created concurrently; retrying (%d)",
+                        meta.study_instance_uid, attempt + 1)
+    return _register(db, meta, path=path, size_bytes=size_bytes,
+                     calling_ae_title=calling_ae_title)
+
+
+def _register(
+    db: Database, meta: InstanceMeta, *, path: str, size_bytes: int, calling_ae_title: str | None
+) -> RegisterOutcome:
+    now = utcnow()
+    analysed = is_analysed(meta.sop_class_uid, meta.modality)
+    with db.session() as session:
+        if session.get(Instance, meta.sop_instance_uid) is not None:
+            return RegisterOutcome.DUPLICATE
+        study = session.get(Study, meta.study_instance_uid, with_for_update=True)
+        if study is None:
+            study = Study(
+                study_instance_uid=meta.study_instance_uid,
+                patient_id=meta.patient_id,
+                accession_number=meta.accession_number,
+                study_date=meta.study_date,
+                study_description=meta.study_description,
+                state=StudyState.RECEIVING if analysed else StudyState.STORED,
+                revision=0,
+                analysed_revision=0,
+                first_received_at=now,
+                last_received_at=now,
+            )
+            session.add(study)
+            session.flush()  # a concurrent creation fails here, before the instance
+        if analysed:
+            # Only images start (re-)analysis: documents and the node's own SRs
+            # echoed back by a PACS must not.
+            # An SQL increment, not a Python read-modify-write: concurrent associations
+            # must not lose revisions (a lost one could skip a re-analysis).
+            study.revision = Study.revision + 1  # type: ignore[assignment]
+            study.last_received_at = now
+            if study.state != StudyState.PROCESSING:
+                study.state = StudyState.RECEIVING
+        session.add(
+            Instance(
+                sop_instance_uid=meta.sop_instance_uid,
+                study_instance_uid=meta.study_instance_uid,
+                series_instance_uid=meta.series_instance_uid,
+                sop_class_uid=meta.sop_class_uid,
+                transfer_syntax_uid=meta.transfer_syntax_uid,
+                modality=meta.modality,
+                manufacturer=meta.manufacturer,
+                manufacturer_model_name=meta.manufacturer_model_name,
+                number_of_frames=meta.number_of_frames,
+                rows=meta.rows,
+                columns=meta.columns,
+                photometric_interpretation=meta.photometric_interpretation,
+                series_number=meta.series_number,
+                instance_number=meta.instance_number,
+                path=path,
+                size_bytes=size_bytes,
+                calling_ae_title=calling_ae_title,
+                received_at=now,
+            )
+        )
+    return RegisterOutcome.NEW

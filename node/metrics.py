@@ -1,0 +1,108 @@
+"""All Prometheus metrics of the node, in one place.
+
+Every process (listener, scheduler, Celery workers, API) writes to prometheus-client's
+multiprocess directory; the API aggregates them with ``MultiProcessCollector``. The
+directory must be in ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is first
+imported, which :func:`configure_multiprocess` (called by the CLI) ensures.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_TASK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+INSTANCES_RECEIVED = Counter(
+    "sononode_instances_received_total",
+    "Instances received over DICOM and made durable, by vendor and outcome (stored/duplicate).",
+    ["vendor", "outcome"],
+)
+INSTANCES_REJECTED = Counter(
+    "sononode_instances_rejected_total",
+    "C-STORE requests answered with a failure status, by reason.",
+    ["reason"],
+)
+RECEIVE_SECONDS = Histogram(
+    "sononode_store_seconds",
+    "Time from a C-STORE request being decoded to its status (parse, fsync, index).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+STUDIES_COMPLETED = Counter(
+    "sononode_studies_completed_total",
+    "Studies found complete (stable) and queued for analysis.",
+)
+STUDIES_REPORTED = Counter(
+    "sononode_studies_reported_total",
+    "Study reports produced, by whether they ask for human review.",
+    ["needs_review"],
+)
+TASK_SECONDS = Histogram(
+    "sononode_task_seconds",
+    "Celery task durations, by task.",
+    ["task"],
+    buckets=_TASK_BUCKETS,
+)
+TASK_FAILURES = Counter(
+    "sononode_task_failures_total",
+    "Celery task failures (after retries), by task.",
+    ["task"],
+)
+TASK_RETRIES = Counter(
+    "sononode_task_retries_total",
+    "Celery task retries, by task.",
+    ["task"],
+)
+EXPORTS = Counter(
+    "sononode_exports_total",
+    "SR export attempts, by destination and outcome (sent/retry/dead).",
+    ["destination", "outcome"],
+)
+EXPORT_FAILURES = Counter(
+    "sononode_export_failures_total",
+    "SR export attempts that failed (before or after the retry budget), by destination.",
+    ["destination"],
+)
+QC_CHECKS = Counter(
+    "sononode_qc_checks_total",
+    "QC checks that did not pass, by reason code, outcome and vendor.",
+    ["reason", "outcome", "vendor"],
+)
+IMAGES_ANALYSED = Counter(
+    "sononode_images_analysed_total",
+    "Images (or cine loops) analysed, by vendor and QC outcome.",
+    ["vendor", "qc_outcome"],
+)
+PREDICTIONS = Counter(
+    "sononode_predictions_total",
+    "Model outputs per image, by model, task, label, vendor and whether it abstained.",
+    ["model", "task", "label", "vendor", "abstained"],
+)
+CONFIDENCE = Histogram(
+    "sononode_prediction_confidence",
+    "Calibrated confidence of the predicted label, by model, task and vendor.",
+    ["model", "task", "vendor"],
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+)
+SCHEDULER_RECONCILED = Counter(
+    "sononode_reconciled_total",
+    "Stale jobs or exports re-dispatched by the reconciler, by kind.",
+    ["kind"],
+)
+MODEL_LOADED = Gauge(
+    "sononode_model_loaded",
+    "1 for each model pack loaded in a worker process.",
+    ["model", "version", "device"],
+    multiprocess_mode="livemax",
+)
+
+
+def configure_multiprocess(metrics_dir: Path, *, clean: bool = False) -> None:
+    """Point prometheus-client at ``metrics_dir`` (must run before metrics are updated)."""
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    if clean:
+        for path in metrics_dir.glob("*.db"):
+            path.unlink(missing_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)

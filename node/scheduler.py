@@ -1,0 +1,203 @@
+"""Study completion and reconciliation: the loop that turns index rows into Celery work.
+
+A study is complete when no image arrived for ``study_stable_seconds``; each
+completion creates a job row *before* its chain is sent to the broker, so the database
+always knows about the work. The reconciler re-dispatches jobs and exports whose row
+has not moved for ``stale_job_seconds`` (a lost broker message, a worker killed
+mid-task), so losing the broker never loses a study.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from node.db import (
+    Database,
+    Export,
+    ExportState,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    settle_job,
+    utcnow,
+)
+from node.metrics import SCHEDULER_RECONCILED, STUDIES_COMPLETED
+
+logger = logging.getLogger(__name__)
+
+#: Job states in which the analysis itself is still running (a new job waits for them).
+_RUNNING = (JobState.QUEUED, JobState.QC_DONE, JobState.INFERRED)
+#: A job re-dispatched this many times is failed instead.
+MAX_JOB_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Dispatcher:
+    """How the scheduler hands work to the workers (Celery in production, fakes in tests)."""
+
+    job: Callable[[int, str], None]
+    """``job(job_id, from_state)``: send the rest of the job's chain."""
+    export: Callable[[int], None]
+    """``export(export_id)``: send one export task."""
+    backlog: Callable[[], int] = lambda: 0
+    """Messages waiting in the broker; stale jobs are not re-dispatched behind a backlog."""
+
+
+def celery_dispatcher() -> Dispatcher:
+    """The production dispatcher (imports Celery lazily)."""
+    from workers.tasks import dispatch_job, export, queue_backlog
+
+    return Dispatcher(
+        job=lambda job_id, state: dispatch_job(job_id, from_state=state),
+        export=lambda export_id: export.delay(export_id),
+        backlog=queue_backlog,
+    )
+
+
+def start_complete_studies(db: Database, dispatcher: Dispatcher, *, stable_seconds: float) -> int:
+    """Create and dispatch a job for every study that became stable. Returns how many."""
+    cutoff = utcnow() - timedelta(seconds=stable_seconds)
+    created: list[int] = []
+    with db.session() as session:
+        candidates = session.scalars(
+            select(Study).where(
+                Study.revision > Study.analysed_revision, Study.last_received_at <= cutoff
+            )
+        ).all()
+        for study in candidates:
+            busy = session.scalars(
+                select(Job.id).where(
+                    Job.study_instance_uid == study.study_instance_uid, Job.state.in_(_RUNNING)
+                )
+            ).first()
+            if busy is not None:
+                continue  # re-analysis starts once the running job has reported
+            job = Job(
+                study_instance_uid=study.study_instance_uid,
+                revision=study.revision,
+                state=JobState.QUEUED,
+                attempts=0,
+            )
+            session.add(job)
+            study.analysed_revision = study.revision
+            study.state = StudyState.PROCESSING
+            session.flush()
+            created.append(job.id)
+    for job_id in created:
+        _dispatch_job(db, dispatcher, job_id, JobState.QUEUED)
+        STUDIES_COMPLETED.inc()
+    return len(created)
+
+
+def _dispatch_job(db: Database, dispatcher: Dispatcher, job_id: int, state: str) -> None:
+    try:
+        dispatcher.job(job_id, state)
+    except Exception:
+        # The row stays with attempts == 0; the reconciler retries it on its next pass.
+        logger.exception("cannot dispatch job %d (broker down?)", job_id)
+        return
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is not None:
+            job.attempts += 1
+            job.updated_at = utcnow()
+    logger.info("job %d dispatched from state %s", job_id, state)
+
+
+def reconcile(
+    db: Database,
+    dispatcher: Dispatcher,
+    *,
+    stale_seconds: float,
+    export_grace_seconds: float,
+) -> int:
+    """Re-dispatch stale jobs and exports. Returns how many were re-dispatched."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_seconds)
+    jobs: list[tuple[int, str]] = []
+    exports: list[int] = []
+    try:
+        backlog = dispatcher.backlog()
+    except Exception:
+        logger.warning("broker unavailable for the backlog check")
+        backlog = 0
+    with db.session() as session:
+        for job in session.scalars(
+            select(Job).where(Job.state.in_([*_RUNNING, JobState.REPORTED]))
+        ).all():
+            never_sent = job.attempts == 0
+            if not never_sent and job.updated_at > stale:
+                continue
+            if job.state == JobState.REPORTED:
+                # Its exports are reconciled one by one below; a job whose exports all
+                # have an outcome but was never settled is settled here.
+                settle_job(session, job.id)
+                continue
+            if not never_sent and backlog > 0:
+                # Old because it waits behind other work, not because it was lost.
+                continue
+            if job.attempts >= MAX_JOB_ATTEMPTS:
+                job.error = f"stalled in state {job.state} after {job.attempts} dispatches"
+                job.state = JobState.FAILED
+                study = session.get(Study, job.study_instance_uid)
+                if study is not None and study.state == StudyState.PROCESSING:
+                    study.state = StudyState.FAILED
+                logger.error("job %d failed: %s", job.id, job.error)
+                continue
+            jobs.append((job.id, job.state))
+        export_stale = now - timedelta(seconds=stale_seconds + export_grace_seconds)
+        for export in session.scalars(
+            select(Export).where(
+                Export.state.in_([ExportState.PENDING, ExportState.RETRYING]),
+                Export.updated_at <= export_stale,
+            )
+        ).all():
+            export.updated_at = now
+            exports.append(export.id)
+    for job_id, state in jobs:
+        logger.warning("re-dispatching stale job %d from state %s", job_id, state)
+        SCHEDULER_RECONCILED.labels(kind="job").inc()
+        _dispatch_job(db, dispatcher, job_id, state)
+    for export_id in exports:
+        logger.warning("re-dispatching stale export %d", export_id)
+        SCHEDULER_RECONCILED.labels(kind="export").inc()
+        try:
+            dispatcher.export(export_id)
+        except Exception:
+            logger.exception("cannot dispatch export %d", export_id)
+    return len(jobs) + len(exports)
+
+
+def run_scheduler(
+    db: Database,
+    dispatcher: Dispatcher,
+    *,
+    stable_seconds: float,
+    interval_seconds: float,
+    stale_seconds: float,
+    export_grace_seconds: float,
+    stop: threading.Event | None = None,
+) -> None:
+    """Loop until ``stop`` is set: start complete studies every interval, reconcile every 10."""
+    stop = stop or threading.Event()
+    passes = 0
+    logger.info("scheduler: stable after %.1f s, stale after %.0f s", stable_seconds,
+                stale_seconds)
+    while not stop.is_set():
+        try:
+            start_complete_studies(db, dispatcher, stable_seconds=stable_seconds)
+            if passes % 10 == 0:
+                reconcile(db, dispatcher, stale_seconds=stale_seconds,
+                          export_grace_seconds=export_grace_seconds)
+        except Exception:
+            # The database may be briefly unavailable; the next pass tries again.
+            logger.exception("scheduler pass failed")
+        passes += 1
+        stop.wait(interval_seconds)

@@ -1,0 +1,122 @@
+"""Durable storage of received instances: temp file, fsync, atomic rename, fsync directory."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_SAFE_UID = re.compile(r"^[0-9][0-9.]{0,63}$")
+
+
+def safe_component(uid: str) -> str:
+    """A file-name-safe form of a UID (vendors send malformed UIDs: never trust them as paths)."""
+    uid = uid.strip()
+    if _SAFE_UID.match(uid) and ".." not in uid:
+        return uid
+    return "x" + hashlib.sha1(uid.encode("utf-8", "replace")).hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or file creation inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Instances laid out as ``<root>/<study>/<series>/<sop>.dcm``.
+
+    Parameters
+    ----------
+    root
+        The spool directory; created if missing.
+    incoming
+        Directory for files being received. It must be on the same filesystem as
+        ``root`` so that moving a finished file into the spool is an atomic rename.
+    """
+
+    def __init__(self, root: Path, incoming: Path) -> None:
+        self.root = root
+        self.incoming = incoming
+        root.mkdir(parents=True, exist_ok=True)
+        incoming.mkdir(parents=True, exist_ok=True)
+
+    def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Spool-relative path of an instance."""
+        return (
+            Path(safe_component(study_uid))
+            / safe_component(series_uid)
+            / f"{safe_component(sop_uid)}.dcm"
+        )
+
+    def absolute(self, relative: str | Path) -> Path:
+        """Absolute path of a spool-relative path, refusing anything outside the spool."""
+        path = (self.root / relative).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ValueError(f"path {relative!r} lies outside the spool")
+        return path
+
+    def commit(self, temp_file: Path, relative: Path) -> Path:
+        """Make ``temp_file`` durable and move it to ``relative`` inside the spool.
+
+        The file's data is fsynced before the rename and the directory after it, so a
+        crash at any point leaves either no file or the complete file in the spool.
+        """
+        final = self.root / relative
+        self._make_dirs(final.parent)
+        with open(temp_file, "rb+") as handle:
+            os.fsync(handle.fileno())
+        if temp_file.stat().st_dev == final.parent.stat().st_dev:
+            os.replace(temp_file, final)
+        else:
+            # Different filesystems (a misconfigured temp dir): copy, fsync, then replace.
+            partial = final.with_suffix(".partial")
+            shutil.copyfile(temp_file, partial)
+            with open(partial, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(partial, final)
+            temp_file.unlink(missing_ok=True)
+        fsync_dir(final.parent)
+        return final
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create ``folder`` and fsync the parent of every folder created (new study/series)."""
+        missing = []
+        current = folder
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            path.mkdir(exist_ok=True)
+            fsync_dir(path.parent)
+
+    def sweep_incoming(self) -> int:
+        """Delete leftovers of aborted transfers (call when no association is running)."""
+        removed = 0
+        for path in self.incoming.iterdir():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            logger.info("removed %d partial file(s) from %s", removed, self.incoming)
+        return removed
+
+    def write_bytes(self, data: bytes, relative: Path) -> Path:
+        """Durably write ``data`` at ``relative`` (used for datasets received in memory)."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        temp = self.incoming / f".{os.getpid()}-{relative.name}.tmp"
+        with open(temp, "wb") as handle:
+            handle.write(data)
+        return self.commit(temp, relative)
+
+    def free_bytes(self) -> int:
+        """Free space on the spool's filesystem."""
+        return shutil.disk_usage(self.root).free

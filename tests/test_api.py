@@ -1,0 +1,152 @@
+"""The HTTP API over a real index (FastAPI's test client, no server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from fixtures import make_us_dataset
+from test_scheduler import Recorder
+
+from node.api import create_app
+from node.config import Settings
+from node.db import (
+    Database,
+    Export,
+    ExportState,
+    ImageResultRow,
+    Job,
+    JobState,
+)
+from node.index import InstanceMeta, register_instance
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def client(settings: Settings, db: Database, recorder: Recorder) -> TestClient:
+    return TestClient(create_app(settings, db, dispatcher=recorder.dispatcher()))
+
+
+def _study_with_export(db: Database, state: ExportState) -> int:
+    ds = make_us_dataset(study_uid="1.2.840.99.1")
+    register_instance(db, InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1"), path="a.dcm",
+                      size_bytes=10, calling_ae_title="US1")
+    with db.session() as session:
+        job = Job(study_instance_uid="1.2.840.99.1", revision=1, state=JobState.REPORTED,
+                  result={"needs_review": True, "images": []})
+        session.add(job)
+        session.flush()
+        export = Export(job_id=job.id, study_instance_uid="1.2.840.99.1",
+                        destination="PACS@127.0.0.1:104", state=state, attempts=9,
+                        last_error="association rejected")
+        session.add(export)
+        session.flush()
+        return export.id
+
+
+def test_health_and_ready(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    body = client.get("/ready").json()
+    assert body["ready"] is True and body["checks"]["database"] == "ok"
+
+
+def test_ready_reports_an_unreachable_broker(settings: Settings, db: Database) -> None:
+    app = create_app(settings, db, redis_url="unix:///nonexistent/redis.sock")
+    response = TestClient(app).get("/ready")
+    assert response.status_code == 503
+    assert response.json()["checks"]["broker"].startswith("error")
+
+
+def test_studies(client: TestClient, db: Database) -> None:
+    _study_with_export(db, ExportState.SENT)
+    studies = client.get("/studies").json()["studies"]
+    assert [s["study_instance_uid"] for s in studies] == ["1.2.840.99.1"]
+    assert studies[0]["instances"] == 1
+    detail = client.get("/studies/1.2.840.99.1").json()
+    assert detail["vendors"] == ["Test Vendor"]
+    assert detail["needs_review"] is True
+    assert detail["jobs"][0]["exports"][0]["state"] == "sent"
+    assert client.get("/studies?state=receiving").json()["studies"]
+    assert client.get("/studies?state=exported").json()["studies"] == []
+
+
+def test_unknown_study_is_404(client: TestClient) -> None:
+    response = client.get("/studies/9.9.9")
+    assert response.status_code == 404
+    assert "not found" in response.json()["detail"]
+
+
+def test_bad_query_is_422(client: TestClient) -> None:
+    assert client.get("/studies?state=nonsense").status_code == 422
+    assert client.get("/studies?limit=0").status_code == 422
+
+
+def test_dead_letter_listed_and_replayed(client: TestClient, db: Database,
+                                         recorder: Recorder) -> None:
+    export_id = _study_with_export(db, ExportState.DEAD)
+    dead = client.get("/exports?state=dead").json()["exports"]
+    assert [e["id"] for e in dead] == [export_id]
+    response = client.post(f"/exports/{export_id}/replay")
+    assert response.status_code == 202
+    assert response.json()["state"] == "pending" and response.json()["attempts"] == 0
+    assert recorder.exports == [export_id]
+    assert client.post("/exports/999/replay").status_code == 404
+
+
+def test_sent_export_cannot_be_replayed(client: TestClient, db: Database) -> None:
+    export_id = _study_with_export(db, ExportState.SENT)
+    assert client.post(f"/exports/{export_id}/replay").status_code == 409
+
+
+def test_metrics(client: TestClient, db: Database) -> None:
+    _study_with_export(db, ExportState.DEAD)
+    text = client.get("/metrics").text
+    assert 'sononode_exports{state="dead"} 1.0' in text
+    assert 'sononode_studies{state="receiving"} 1.0' in text
+    assert "sononode_instances_received_total" in text or "sononode_store_seconds" in text
+
+
+def test_drift_by_vendor(client: TestClient, db: Database) -> None:
+    with db.session() as session:
+        job = Job(study_instance_uid="1.2.840.99.2", revision=1, state=JobState.DONE)
+        from node.db import Study
+
+        session.add(Study(study_instance_uid="1.2.840.99.2"))
+        session.add(job)
+        session.flush()
+        # Vendor A stable; vendor B's images get much brighter in the recent window.
+        for i in range(60):
+            for vendor, mean in (("A", 50.0 + (i % 5)), ("B", 50.0 + (i % 5) + (80 if i >= 30
+                                                                              else 0))):
+                session.add(ImageResultRow(job_id=job.id, sop_instance_uid=f"{vendor}{i}",
+                                           manufacturer=vendor, qc_outcome="pass",
+                                           view_label="lung", view_probability=0.9,
+                                           mean_intensity=mean, needs_review=False))
+    vendors = {v["vendor"]: v for v in client.get("/drift").json()["vendors"]}
+    assert vendors["A"]["psi"]["input_mean_intensity"] < 0.1
+    assert vendors["B"]["psi"]["input_mean_intensity"] > 0.2
+    text = client.get("/metrics").text
+    assert 'sononode_drift_psi{feature="input_mean_intensity",vendor="B"}' in text
+
+
+def test_models_lists_configured_packs(settings: Settings, db: Database, tmp_path: Path) -> None:
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    (pack / "manifest.json").write_text(json.dumps({"name": "demo", "version": "1"}))
+    configured = settings.model_copy(update={"model_packs": [pack, tmp_path / "missing"]})
+    models = TestClient(create_app(configured, db)).get("/models").json()["models"]
+    assert models[0]["name"] == "demo"
+    assert "error" in models[1]
+
+
+def test_openapi(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/health", "/ready", "/metrics", "/studies", "/studies/{study_uid}",
+                 "/exports", "/exports/{export_id}/replay", "/models", "/drift"):
+        assert path in paths

@@ -1,0 +1,73 @@
+"""Index writes under concurrency, and integrity checks of received files."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from fixtures import make_us_dataset, write
+from peers import require_tools
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from node.db import Database, Instance, Study, StudyState
+from node.handlers import check_complete
+from node.index import InstanceMeta, RegisterOutcome, register_instance
+
+
+def test_concurrent_instances_of_a_new_study_are_all_indexed(db: Database) -> None:
+    study = generate_uid()
+    metas = [InstanceMeta.from_dataset(make_us_dataset(study_uid=study, seed=i),
+                                       "1.2.840.10008.1.2.1") for i in range(8)]
+    outcomes: list[RegisterOutcome] = []
+    barrier = threading.Barrier(len(metas))
+
+    def register(meta: InstanceMeta) -> None:
+        barrier.wait()
+        outcomes.append(register_instance(db, meta, path=meta.sop_instance_uid,
+                                          size_bytes=1, calling_ae_title="T"))
+
+    threads = [threading.Thread(target=register, args=(m,)) for m in metas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count(RegisterOutcome.NEW) == len(metas)
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == len(metas)
+        row = session.get(Study, study)
+        assert row is not None and row.revision == len(metas)
+
+
+def test_overlong_uid_is_refused() -> None:
+    ds = make_us_dataset()
+    ds.SOPInstanceUID = "1." * 40
+    with pytest.raises(ValueError, match="longer than 64"):
+        InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1")
+
+
+def test_document_only_study_is_stored_not_receiving(db: Database) -> None:
+    ds = make_us_dataset(sop_class="1.2.840.10008.5.1.4.1.1.104.1", modality="DOC")
+    register_instance(db, InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1"), path="p",
+                      size_bytes=1, calling_ae_title="T")
+    with db.session() as session:
+        row = session.get(Study, str(ds.StudyInstanceUID))
+        assert row is not None and row.state == StudyState.STORED
+
+
+@pytest.mark.dcmtk
+@pytest.mark.parametrize("fraction", [0.3, 0.9, 0.999])
+def test_truncated_compressed_pixel_data_is_detected(tmp_path: Path, fraction: float) -> None:
+    require_tools("dcmcjpeg", "dcmconv")
+    source = write(make_us_dataset(rows=256, cols=256), tmp_path / "a.dcm")
+    for name, tool in (("jpeg", ["dcmcjpeg", "+eb"]), ("deflated", ["dcmconv", "+td"])):
+        encoded = tmp_path / f"{name}.dcm"
+        subprocess.run([*tool, str(source), str(encoded)], check=True)
+        check_complete(encoded)  # the whole file is fine
+        data = encoded.read_bytes()
+        cut = tmp_path / f"{name}-cut.dcm"
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        with pytest.raises(Exception):  # noqa: B017  (ValueError, or zlib.error when deflated)
+            check_complete(cut)

@@ -1,0 +1,185 @@
+"""The DICOM listener against real associations on free ports (pynetdicom SCU and DCMTK)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fixtures import CT_IMAGE, make_us_dataset, write
+from peers import dcmsend, require_tools
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from pynetdicom import AE, _config
+from sqlalchemy import func, select
+
+from node.config import Settings
+from node.db import Database, Instance, Study
+from node.handlers import StoreStatus, check_complete
+from node.listener import start_listener
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def listener(settings: Settings, db: Database) -> Iterator[Settings]:
+    server = start_listener(settings, db, block=False)
+    assert server is not None
+    yield settings
+    server.shutdown()
+
+
+def _send(settings: Settings, path: Path, *, raw: bool = False) -> int | None:
+    """C-STORE ``path``; ``raw`` sends the file's bytes as they are (corrupt input)."""
+    ds = dcmread(path, stop_before_pixels=True, force=True)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ds.file_meta.MediaStorageSOPClassUID,
+                             [ds.file_meta.TransferSyntaxUID])
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = raw
+    try:
+        assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.ae_title)
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return int(status.Status) if status and "Status" in status else None
+
+
+def _count(db: Database) -> int:
+    with db.session() as session:
+        return int(session.scalar(select(func.count()).select_from(Instance)) or 0)
+
+
+def test_echo(listener: Settings) -> None:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", listener.dicom_port, ae_title=listener.ae_title)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+def test_store_is_durable_indexed_and_idempotent(listener: Settings, db: Database,
+                                                 tmp_path: Path) -> None:
+    study = generate_uid()
+    files = [write(make_us_dataset(study_uid=study, seed=i), tmp_path / f"{i}.dcm")
+             for i in range(3)]
+    assert all(_send(listener, f) == StoreStatus.SUCCESS for f in files)
+    assert _count(db) == 3
+    # Re-sent instance: Success again, stored once, study revision unchanged.
+    assert _send(listener, files[0]) == StoreStatus.SUCCESS
+    assert _count(db) == 3
+    with db.session() as session:
+        row = session.get(Study, study)
+        assert row is not None and row.revision == 3
+        stored = session.scalars(select(Instance)).all()
+    spooled = sorted(listener.spool_dir.rglob("*.dcm"))
+    assert len(spooled) == 3
+    for instance in stored:
+        ds = dcmread(listener.spool_dir / instance.path)
+        assert ds.SOPInstanceUID == instance.sop_instance_uid
+        assert instance.manufacturer == "Test Vendor"
+    # Nothing left behind in the incoming directory.
+    assert not [p for p in listener.incoming_dir.iterdir() if p.is_file()]
+
+
+@pytest.mark.dcmtk
+def test_dcmsend_modality(listener: Settings, db: Database, tmp_path: Path) -> None:
+    require_tools("dcmsend")
+    study = generate_uid()
+    files = [write(make_us_dataset(study_uid=study, seed=i), tmp_path / f"{i}.dcm")
+             for i in range(4)]
+    dcmsend(listener.dicom_port, files)
+    assert _count(db) == 4
+
+
+def _corrupt(tmp_path: Path) -> Path:
+    """Valid file meta, then a dataset whose element lengths are nonsense."""
+    path = write(make_us_dataset(), tmp_path / "corrupt.dcm")
+    data = bytearray(path.read_bytes())
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    data[meta_end:meta_end + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _truncated(tmp_path: Path) -> Path:
+    path = write(make_us_dataset(rows=256, cols=256), tmp_path / "truncated.dcm")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 20000])
+    return path
+
+
+def _not_dicom(tmp_path: Path) -> Path:
+    """File meta (so the SCU can frame it) followed by a non-DICOM byte stream."""
+    path = write(make_us_dataset(), tmp_path / "garbage.dcm")
+    data = bytearray(path.read_bytes())
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    garbage = b"%PDF-1.4 this is not a DICOM dataset at all \x00\x01\x02" * 50
+    path.write_bytes(bytes(data[:meta_end]) + garbage)
+    return path
+
+
+@pytest.mark.parametrize("make", [_corrupt, _truncated, _not_dicom],
+                         ids=["corrupt", "truncated", "not_dicom"])
+def test_bad_input_gets_failure_status_and_listener_keeps_serving(
+    make, listener: Settings, db: Database, tmp_path: Path
+) -> None:
+    bad = make(tmp_path)
+    status = _send(listener, bad, raw=True)
+    assert status is not None and status != StoreStatus.SUCCESS
+    assert status in (StoreStatus.CANNOT_UNDERSTAND, StoreStatus.DOES_NOT_MATCH)
+    assert _count(db) == 0
+    # The next association is served normally.
+    good = write(make_us_dataset(), tmp_path / "good.dcm")
+    assert _send(listener, good) == StoreStatus.SUCCESS
+    assert _count(db) == 1
+
+
+def test_check_complete_detects_truncation(tmp_path: Path) -> None:
+    path = write(make_us_dataset(rows=128, cols=128), tmp_path / "a.dcm")
+    check_complete(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-1000])
+    with pytest.raises(ValueError, match="declares"):
+        check_complete(path)
+
+
+def test_non_ultrasound_refused_by_default(settings: Settings, db: Database,
+                                           tmp_path: Path) -> None:
+    # A secondary capture whose Modality is CT is negotiated but refused by policy.
+    server = start_listener(settings, db, block=False)
+    try:
+        sc = make_us_dataset(sop_class="1.2.840.10008.5.1.4.1.1.7", modality="CT")
+        assert _send(settings, write(sc, tmp_path / "sc.dcm")) == StoreStatus.NOT_AUTHORISED
+        assert _count(db) == 0
+    finally:
+        server.shutdown()
+
+
+def test_non_ultrasound_accepted_when_configured(settings: Settings, db: Database,
+                                                 tmp_path: Path) -> None:
+    accepting = settings.model_copy(update={"accept_non_ultrasound": True})
+    server = start_listener(accepting, db, block=False)
+    try:
+        ct = make_us_dataset(sop_class=CT_IMAGE, modality="CT")
+        assert _send(accepting, write(ct, tmp_path / "ct.dcm")) == StoreStatus.SUCCESS
+        assert _count(db) == 1
+        with db.session() as session:
+            study = session.get(Study, str(ct.StudyInstanceUID))
+            # Stored, but never analysed: no revision to analyse.
+            assert study is not None and study.revision == 0
+    finally:
+        server.shutdown()
+
+
+def test_calling_ae_whitelist(settings: Settings, db: Database, tmp_path: Path) -> None:
+    restricted = settings.model_copy(update={"calling_ae_whitelist": ["SCANNER1"]})
+    server = start_listener(restricted, db, block=False)
+    try:
+        path = write(make_us_dataset(), tmp_path / "a.dcm")
+        assert _send(restricted, path) == StoreStatus.NOT_AUTHORISED
+    finally:
+        server.shutdown()
