@@ -1,0 +1,1 @@
+"""sononode workers: Celery app, QC, model packs, inference, export."""

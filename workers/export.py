@@ -1,0 +1,85 @@
+"""C-STORE SCU: deliver a report to a destination, with typed, retryable failures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from node.config import Destination
+
+logger = logging.getLogger(__name__)
+
+#: Warning statuses that still mean the PACS stored the object (PS3.4 B.2.3).
+_STORED_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+
+
+class ExportError(Exception):
+    """Base of export failures."""
+
+
+class ExportTransientError(ExportError):
+    """The destination is unreachable, busy or out of resources: retry later."""
+
+
+class ExportRefusedError(ExportError):
+    """The destination refused the object for good (e.g. SOP class not supported)."""
+
+
+def send_file(
+    path: Path,
+    destination: Destination,
+    *,
+    calling_ae_title: str,
+    timeout_seconds: float = 30.0,
+) -> int:
+    """Send the DICOM file at ``path`` to ``destination`` with C-STORE.
+
+    Returns
+    -------
+    int
+        The Success or Warning status the destination answered.
+
+    Raises
+    ------
+    ExportTransientError
+        Association refused or aborted, no response, or an Out of Resources status.
+    ExportRefusedError
+        Any other failure status, or a context the destination does not accept.
+    """
+    ds = dcmread(path)
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = timeout_seconds
+    ae.dimse_timeout = timeout_seconds
+    ae.network_timeout = timeout_seconds
+    ae.add_requested_context(
+        ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian]
+    )
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise ExportTransientError(f"{destination}: association rejected")
+        raise ExportTransientError(f"{destination}: cannot connect (PACS down?)")
+    try:
+        if not any(cx.result == 0x00 for cx in assoc.accepted_contexts):
+            raise ExportRefusedError(f"{destination}: SOP class {ds.SOPClassUID} not accepted")
+        status = assoc.send_c_store(ds)
+    except (ConnectionError, OSError, RuntimeError) as exc:
+        raise ExportTransientError(f"{destination}: {exc}") from exc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status or "Status" not in status:
+        raise ExportTransientError(f"{destination}: no response to C-STORE (aborted or timed out)")
+    code = int(status.Status)
+    if code == 0x0000 or code in _STORED_WARNINGS:
+        logger.info("sent %s to %s (status 0x%04X)", ds.SOPInstanceUID, destination, code)
+        return code
+    comment = str(status.get("ErrorComment", "") or "")
+    if 0xA700 <= code <= 0xA7FF:
+        raise ExportTransientError(f"{destination}: out of resources 0x{code:04X} {comment}")
+    raise ExportRefusedError(f"{destination}: refused with status 0x{code:04X} {comment}")

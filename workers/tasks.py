@@ -1,0 +1,192 @@
+"""Celery tasks: thin orchestrators over :mod:`workers.pipeline`.
+
+A study runs as a chain ``qc -> infer -> report -> export_all``; ``export_all`` fans
+out one ``export`` task per destination. Payloads are job and export ids only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from billiard.exceptions import WorkerLostError
+from celery import Task, chain
+from celery.signals import worker_process_init
+from sqlalchemy.exc import OperationalError
+
+from node.config import get_settings
+from node.db import ExportState, open_database
+from node.metrics import EXPORT_FAILURES, EXPORTS
+from node.spool import Spool
+from workers import pipeline, signals  # noqa: F401  (signals registers metric handlers)
+from workers.celery_app import app
+from workers.export import ExportTransientError
+
+logger = logging.getLogger(__name__)
+
+#: Errors worth retrying for the job stages: the database was briefly unavailable.
+TRANSIENT_JOB_ERRORS = (OperationalError,)
+
+_context: pipeline.WorkerContext | None = None
+
+#: Set by ``sononode worker`` when the worker consumes the GPU queue: load packs at start.
+PRELOAD_ENV = "SONONODE_PRELOAD_MODELS"
+
+
+def context() -> pipeline.WorkerContext:
+    """This process's collaborators (database, spool, models), built once."""
+    global _context
+    if _context is None:
+        settings = get_settings()
+        _context = pipeline.WorkerContext(
+            settings=settings,
+            db=open_database(settings.effective_database_url, settings.data_dir),
+            spool=Spool(settings.spool_dir, settings.incoming_dir),
+        )
+    return _context
+
+
+@worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    """Load the model packs once per worker process, before the first task."""
+    global _context
+    _context = None  # never reuse a parent's engine across fork
+    ctx = context()
+    if os.environ.get(PRELOAD_ENV) == "1":
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.settings.worker_concurrency))
+        ctx.analyser()
+
+
+class JobTask(Task):
+    """A job stage: a permanent failure marks the job failed (visible in the API).
+
+    A worker process lost mid-task (killed, out of memory, a crashing native decoder)
+    does not fail the job: the message is not requeued (that would loop on a poison
+    study), and the reconciler re-dispatches the job, at most ``MAX_JOB_ATTEMPTS`` times.
+    """
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        job_id = args[0] if args else kwargs.get("job_id")
+        if isinstance(exc, WorkerLostError):
+            logger.error("worker lost running %s for job %s; the reconciler will retry",
+                         self.name, job_id)
+            return
+        logger.error("task %s failed for job %s: %s", self.name, job_id, exc)
+        if job_id is not None:
+            pipeline.fail_job(context(), int(job_id), f"{self.name}: {exc!r}")
+
+
+_settings = get_settings()
+
+
+@app.task(name="sononode.qc", base=JobTask, autoretry_for=TRANSIENT_JOB_ERRORS,
+          max_retries=5, retry_backoff=2, retry_jitter=True)
+def qc(job_id: int) -> None:
+    """Quality control of every image of the study (CPU queue)."""
+    try:
+        pipeline.run_qc(context(), job_id)
+    except pipeline.JobGone as exc:
+        logger.info("qc: %s", exc)
+
+
+@app.task(name="sononode.infer", base=JobTask, autoretry_for=TRANSIENT_JOB_ERRORS,
+          max_retries=5, retry_backoff=2, retry_jitter=True)
+def infer(job_id: int) -> None:
+    """Model inference on the usable frames (GPU queue; CPU when no GPU)."""
+    try:
+        pipeline.run_inference(context(), job_id)
+    except pipeline.JobGone as exc:
+        logger.info("infer: %s", exc)
+
+
+@app.task(name="sononode.report", base=JobTask, autoretry_for=TRANSIENT_JOB_ERRORS,
+          max_retries=5, retry_backoff=2, retry_jitter=True)
+def report(job_id: int) -> None:
+    """Build and store the SR, create the exports (CPU queue)."""
+    try:
+        pipeline.run_report(context(), job_id)
+    except pipeline.JobGone as exc:
+        logger.info("report: %s", exc)
+
+
+@app.task(name="sononode.export_all", base=JobTask, autoretry_for=TRANSIENT_JOB_ERRORS,
+          max_retries=5, retry_backoff=2, retry_jitter=True)
+def export_all(job_id: int) -> None:
+    """Dispatch one export task per destination still to be served."""
+    try:
+        for export_id in pipeline.pending_exports(context(), job_id):
+            export.delay(export_id)
+    except pipeline.JobGone as exc:
+        logger.info("export_all: %s", exc)
+
+
+class ExportTask(Task):
+    """After the retry budget (or a permanent refusal) the export is dead-lettered."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        export_id = args[0] if args else kwargs.get("export_id")
+        logger.error("export %s dead-lettered: %s", export_id, exc)
+        if export_id is not None:
+            pipeline.mark_export(context(), int(export_id), ExportState.DEAD, str(exc))
+            EXPORTS.labels(destination=_destination(int(export_id)), outcome="dead").inc()
+
+
+def _destination(export_id: int) -> str:
+    from node.db import Export
+
+    with context().db.session() as session:
+        row = session.get(Export, export_id)
+        return row.destination if row else "unknown"
+
+
+@app.task(
+    name="sononode.export",
+    base=ExportTask,
+    autoretry_for=(ExportTransientError, OperationalError),
+    max_retries=_settings.export_max_retries,
+    retry_backoff=max(1, round(_settings.export_retry_backoff_seconds)),
+    retry_backoff_max=max(1, round(_settings.export_retry_backoff_max_seconds)),
+    retry_jitter=False,
+)
+def export(export_id: int) -> None:
+    """C-STORE the SR to one destination; retried with exponential backoff."""
+    ctx = context()
+    try:
+        sent = pipeline.run_export(ctx, export_id)
+    except ExportTransientError as exc:
+        destination = _destination(export_id)
+        EXPORT_FAILURES.labels(destination=destination).inc()
+        EXPORTS.labels(destination=destination, outcome="retry").inc()
+        pipeline.mark_export(ctx, export_id, ExportState.RETRYING, str(exc))
+        raise
+    if sent:
+        EXPORTS.labels(destination=_destination(export_id), outcome="sent").inc()
+
+
+def queue_backlog() -> int:
+    """Messages waiting in the node's queues (0 when the broker cannot say)."""
+    import redis
+
+    from workers.celery_app import CPU_QUEUE, GPU_QUEUE, redis_client_url
+
+    client = redis.Redis.from_url(redis_client_url(get_settings()), socket_timeout=2)
+    return int(sum(client.llen(queue) for queue in (CPU_QUEUE, GPU_QUEUE)))
+
+
+def dispatch_job(job_id: int, *, from_state: str = "queued") -> None:
+    """Send the chain for ``job_id`` to the broker, starting at the stage after ``from_state``."""
+    stages = {
+        "queued": [qc, infer, report, export_all],
+        "qc_done": [infer, report, export_all],
+        "inferred": [report, export_all],
+        "reported": [export_all],
+    }
+    steps = stages.get(from_state)
+    if not steps:
+        return
+    chain(*(step.si(job_id) for step in steps)).apply_async()
