@@ -1,0 +1,45 @@
+"""Ultrasound B-mode simulator: views, findings, fictional vendor styles, DICOM studies.
+
+Images are formed from tissue maps with speckle, attenuation, shadowing and scan
+conversion, styled by fictional vendors, with ground truth for view, thyroid nodule,
+lung pattern, image quality and the scan region. See :func:`simulate_image`,
+:func:`simulate_loop` and :func:`simulate_study`.
+"""
+
+from __future__ import annotations
+
+from workers.simulator.dicom import (
+    TRANSFER_SYNTAXES,
+    StudyContext,
+    build_instance,
+    new_study_context,
+    resolve_transfer_syntax,
+    write_instance,
+)
+from workers.simulator.simulate import SimFrame, simulate_image, simulate_loop
+from workers.simulator.study import InstanceLabel, SimulatedStudy, simulate_study
+from workers.simulator.vendors import HELD_OUT_VENDOR, TRAINING_VENDORS, VENDOR_STYLES, VendorStyle
+from workers.simulator.views import VIEWS, LungPattern, NoduleClass, View
+
+__all__ = [
+    "HELD_OUT_VENDOR",
+    "TRAINING_VENDORS",
+    "TRANSFER_SYNTAXES",
+    "VENDOR_STYLES",
+    "VIEWS",
+    "InstanceLabel",
+    "LungPattern",
+    "NoduleClass",
+    "SimFrame",
+    "SimulatedStudy",
+    "StudyContext",
+    "VendorStyle",
+    "View",
+    "build_instance",
+    "new_study_context",
+    "resolve_transfer_syntax",
+    "simulate_image",
+    "simulate_loop",
+    "simulate_study",
+    "write_instance",
+]
