@@ -1,0 +1,89 @@
+"""Calibration and operating points on hand-computed and toy data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.models.calibration import (
+    confusion_matrix,
+    expected_calibration_error,
+    fit_temperature,
+    multiclass_auc,
+    roc_auc,
+    roc_curve,
+    threshold_for_sensitivity,
+    youden_threshold,
+)
+from workers.models.packs import softmax
+
+# Positives 0.9 0.8 0.7 0.4, negatives 0.6 0.3 0.2 0.1 0.05. Walking down the thresholds:
+# 0.7 -> sens 3/4, spec 5/5 (J 0.75); 0.4 -> sens 4/4, spec 4/5 (J 0.80, the maximum).
+SCORES = np.array([0.9, 0.8, 0.7, 0.4, 0.6, 0.3, 0.2, 0.1, 0.05])
+LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])
+
+
+def test_youden_threshold_on_hand_computed_roc() -> None:
+    op = youden_threshold(SCORES, LABELS)
+    assert op.threshold == pytest.approx(0.4)
+    assert op.sensitivity == pytest.approx(1.0)
+    assert op.specificity == pytest.approx(0.8)
+    assert op.youden_j == pytest.approx(0.8)
+
+
+def test_target_sensitivity_threshold() -> None:
+    op = threshold_for_sensitivity(SCORES, LABELS, 0.75)
+    assert op.threshold == pytest.approx(0.7)
+    assert (op.sensitivity, op.specificity) == pytest.approx((0.75, 1.0))
+    with pytest.raises(ValueError, match="target sensitivity"):
+        threshold_for_sensitivity(SCORES, LABELS, 0.0)
+
+
+def test_roc_auc_hand_computed_and_ties() -> None:
+    # 19 of the 20 positive/negative pairs are ordered correctly (0.4 < 0.6).
+    assert roc_auc(SCORES, LABELS) == pytest.approx(19 / 20)
+    assert roc_auc(np.ones(6), np.array([0, 1, 0, 1, 0, 1])) == pytest.approx(0.5)
+    fpr, tpr, thresholds = roc_curve(SCORES, LABELS)
+    assert fpr[0] == 0 and tpr[0] == 0 and np.isinf(thresholds[0])
+    assert fpr[-1] == 1 and tpr[-1] == 1
+    with pytest.raises(ValueError, match="both positive and negative"):
+        roc_auc(np.ones(3), np.ones(3, dtype=int))
+
+
+def test_multiclass_auc_perfect_and_confusion() -> None:
+    y = np.array([0, 1, 2, 0, 1, 2])
+    p = np.eye(3)[y] * 0.8 + 0.2 / 3
+    assert multiclass_auc(p, y) == pytest.approx(1.0)
+    assert confusion_matrix(p.argmax(1), y, 3).trace() == 6
+
+
+def test_ece_of_a_perfectly_calibrated_bin_is_zero() -> None:
+    # 10 predictions at confidence 0.8, 8 correct.
+    p = np.tile([0.8, 0.2], (10, 1))
+    y = np.array([0] * 8 + [1] * 2)
+    assert expected_calibration_error(p, y) == pytest.approx(0.0, abs=1e-12)
+    # All at 0.8 but all correct: |1.0 - 0.8| = 0.2.
+    assert expected_calibration_error(p, np.zeros(10, int)) == pytest.approx(0.2)
+
+
+def test_temperature_scaling_lowers_ece_on_held_out_data() -> None:
+    rng = np.random.default_rng(0)
+    n, k = 6000, 4
+    true_logits = rng.normal(size=(n, k)) * 1.5
+    labels = np.array([rng.choice(k, p=p) for p in softmax(true_logits)])
+    overconfident = true_logits * 3.0  # a miscalibrated model: right ranking, too sharp
+    fit, held = slice(0, n // 2), slice(n // 2, n)
+    temperature = fit_temperature(overconfident[fit], labels[fit])
+    assert temperature == pytest.approx(3.0, rel=0.15)
+    before = expected_calibration_error(softmax(overconfident[held]), labels[held])
+    after = expected_calibration_error(softmax(overconfident[held] / temperature), labels[held])
+    assert before > 0.1
+    assert after < before / 3
+    assert after < 0.03
+
+
+def test_fit_temperature_validates_inputs() -> None:
+    with pytest.raises(ValueError, match=r"labels must be within \[0, 2\]"):
+        fit_temperature(np.zeros((4, 3)), np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="logits must be"):
+        fit_temperature(np.zeros(4), np.array([0, 1, 0, 1]))

@@ -1,0 +1,167 @@
+"""Model pack loading: integrity, manifest validation, provenance, batching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workers.models.packs import (
+    FORMAT_VERSION,
+    SIMULATED_SUFFIX,
+    ModelPack,
+    PackFormatError,
+    PackIntegrityError,
+    to_unit_grey,
+)
+from workers.models.testing import write_tiny_pack
+
+
+@pytest.fixture(scope="module")
+def pack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_pack(tmp_path_factory.mktemp("packs") / "tiny")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_manifest(folder: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_pack_loads_and_verifies(pack_dir: Path) -> None:
+    pack = ModelPack.load(pack_dir, device="cpu")
+    assert pack.manifest.raw["format_version"] == FORMAT_VERSION
+    assert pack.view_task is not None and pack.view_task.name == "view"
+    assert pack.algorithm.name.endswith(SIMULATED_SUFFIX)
+    assert pack.algorithm.simulated_training_data is True
+    assert len(pack.algorithm.sha256) == 64
+
+
+def test_tampered_weights_are_refused(pack_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(pack_dir, tmp_path / "tampered")
+    weights = folder / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PackIntegrityError, match=r"sha256 of weights\.pt .* refusing"):
+        ModelPack.load(folder, device="cpu")
+
+
+def test_missing_weights_file_is_refused(pack_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(pack_dir, tmp_path / "missing")
+    (folder / "ood_stats.npz").unlink()
+    with pytest.raises(PackIntegrityError, match=r"ood_stats\.npz .* missing"):
+        ModelPack.load(folder, device="cpu")
+
+
+def test_missing_manifest_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PackFormatError, match=r"no manifest\.json"):
+        ModelPack.load(tmp_path, device="cpu")
+
+
+def test_invalid_json_is_refused(pack_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(pack_dir, tmp_path / "badjson")
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(PackFormatError, match=r"cannot read manifest\.json"):
+        ModelPack.load(folder, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.pop("tasks"), r"manifest\.json\.tasks is missing"),
+        (
+            lambda d: d["training_data"].pop("simulated"),
+            r"training_data\.simulated must be true or false",
+        ),
+        (lambda d: d.pop("license"), r"\.license is missing"),
+        (
+            lambda d: d["tasks"]["view"]["labels"][0]["code"].pop("value"),
+            r"labels\[0\]\.code\.value is missing",
+        ),
+        (
+            lambda d: d.__setitem__("format_version", 99),
+            "format_version is 99; this node reads format 1",
+        ),
+        (lambda d: d["architecture"].__setitem__("name", "resnet"), "'resnet' is not one of"),
+        (
+            lambda d: d["tasks"]["nodule"]["applies_to"].__setitem__("view", ["knee"]),
+            "unknown views",
+        ),
+        (
+            lambda d: d["tasks"]["view"]["calibration"].__setitem__("temperature", [1.0, 2.0]),
+            "one per member",
+        ),
+        (
+            lambda d: d["members"][0].__setitem__("weights", "../x.pt"),
+            "must be a path inside the pack",
+        ),
+        (
+            lambda d: d["tasks"]["nodule"]["operating_point"].__setitem__("label", "cyst"),
+            "'cyst' is not one of",
+        ),
+    ],
+)
+def test_invalid_manifest_is_refused_with_clear_message(
+    pack_dir: Path,
+    tmp_path: Path,
+    edit,
+    message: str,  # type: ignore[no-untyped-def]
+) -> None:
+    folder = _copy(pack_dir, tmp_path / "edited")
+    _edit_manifest(folder, edit)
+    with pytest.raises(PackFormatError, match=message):
+        ModelPack.load(folder, device="cpu")
+
+
+def test_weights_that_do_not_fit_are_format_errors(pack_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(pack_dir, tmp_path / "width")
+    _edit_manifest(folder, lambda d: d["architecture"]["params"].__setitem__("width", 0.5))
+    with pytest.raises(PackFormatError, match="do not fit architecture"):
+        ModelPack.load(folder, device="cpu")
+
+
+def test_batched_and_unbatched_outputs_agree(pack_dir: Path) -> None:
+    pack = ModelPack.load(pack_dir, device="cpu")
+    rng = np.random.default_rng(1)
+    frames = [rng.random((90 + 7 * i, 120 + 3 * i), dtype=np.float32) for i in range(7)]
+    one = pack.predict(frames, batch_size=1)
+    many = pack.predict(frames, batch_size=32)
+    for task in one.probabilities:
+        np.testing.assert_allclose(one.probabilities[task], many.probabilities[task], atol=1e-5)
+        np.testing.assert_allclose(one.probabilities[task].sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(one.values["quality"], many.values["quality"], atol=1e-5)
+    np.testing.assert_allclose(one.embedding, many.embedding, atol=1e-4)
+    assert one.ood_score is not None and one.ood_score.shape == (7,)
+    assert len(many) == 7
+
+
+def test_ensemble_averages_member_probabilities(tmp_path: Path) -> None:
+    folder = write_tiny_pack(tmp_path / "ens", n_members=2)
+    pack = ModelPack.load(folder, device="cpu")
+    assert len(pack.networks) == 2
+    frames = [np.random.default_rng(0).random((64, 80), dtype=np.float32)]
+    raw = pack.raw_outputs(frames)
+    pred = pack.calibrate_outputs(raw)
+    from workers.models.packs import softmax
+
+    expected = (softmax(raw[0]["view"]) + softmax(raw[1]["view"])) / 2
+    np.testing.assert_allclose(pred.probabilities["view"], expected, atol=1e-6)
+
+
+def test_frames_must_be_unit_range_or_uint8() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_unit_grey(np.full((10, 10), 200.0, np.float32))
+    assert to_unit_grey(np.full((10, 10, 3), 255, np.uint8)).max() == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="shape"):
+        to_unit_grey(np.zeros((2, 3, 4, 5), np.float32))

@@ -1,0 +1,217 @@
+"""Calibration and operating points: temperature scaling, ECE, ROC, Youden's index.
+
+Pure numpy/torch functions over arrays of logits, probabilities, scores and labels; no
+I/O. Fit on a held-out split (never the training frames), report on another.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _check_labels(labels: np.ndarray, n: int, *, classes: int | None = None) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"labels must be a vector of {n} entries, got shape {y.shape}")
+    if n == 0:
+        raise ValueError("no samples")
+    if not np.issubdtype(y.dtype, np.integer) and not np.issubdtype(y.dtype, np.bool_):
+        raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if classes is not None and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(f"labels must be within [0, {classes - 1}], got [{y.min()}, {y.max()}]")
+    return y
+
+
+def negative_log_likelihood(
+    logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0
+) -> float:
+    """Mean NLL of ``softmax(logits / temperature)``."""
+    z = torch.as_tensor(np.asarray(logits, np.float64))
+    y = torch.as_tensor(_check_labels(labels, z.shape[0], classes=z.shape[1]))
+    return float(torch.nn.functional.cross_entropy(z / temperature, y))
+
+
+def fit_temperature(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    *,
+    max_iter: int = 200,
+    bounds: tuple[float, float] = (0.05, 20.0),
+) -> float:
+    """Temperature ``T`` minimising the NLL of ``softmax(logits / T)`` (LBFGS on ``log T``).
+
+    Parameters
+    ----------
+    logits
+        ``(N, K)`` uncalibrated logits of a held-out split.
+    labels
+        ``(N,)`` true class indices.
+
+    Raises
+    ------
+    ValueError
+        If shapes disagree or labels are out of range.
+    """
+    z = torch.as_tensor(np.asarray(logits, np.float64))
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise ValueError(f"logits must be (N, K>=2), got shape {tuple(z.shape)}")
+    y = torch.as_tensor(_check_labels(labels, z.shape[0], classes=z.shape[1]))
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    temperature = float(log_t.exp().item())
+    if not math.isfinite(temperature):
+        logger.warning("temperature fit diverged; using 1.0")
+        return 1.0
+    return float(min(max(temperature, bounds[0]), bounds[1]))
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin confidence, accuracy and count of a reliability diagram."""
+
+    edges: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    count: np.ndarray
+
+
+def reliability_bins(
+    probabilities: np.ndarray, labels: np.ndarray, *, n_bins: int = 15
+) -> ReliabilityBins:
+    """Top-label confidence vs accuracy in ``n_bins`` equal-width bins (empty bins: NaN)."""
+    p = np.asarray(probabilities, np.float64)
+    if p.ndim != 2:
+        raise ValueError(f"probabilities must be (N, K), got shape {p.shape}")
+    y = _check_labels(labels, p.shape[0], classes=p.shape[1])
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(index, confidence, n_bins) / count
+        acc = np.bincount(index, correct, n_bins) / count
+    return ReliabilityBins(edges, conf, acc, count)
+
+
+def expected_calibration_error(
+    probabilities: np.ndarray, labels: np.ndarray, *, n_bins: int = 15
+) -> float:
+    """ECE: count-weighted mean |accuracy - confidence| over ``n_bins`` equal-width bins."""
+    bins = reliability_bins(probabilities, labels, n_bins=n_bins)
+    mask = bins.count > 0
+    weights = bins.count[mask] / bins.count.sum()
+    return float(np.sum(weights * np.abs(bins.accuracy[mask] - bins.confidence[mask])))
+
+
+def _binary(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, np.float64).reshape(-1)
+    y = _check_labels(np.asarray(labels).reshape(-1), s.shape[0], classes=2)
+    if y.min() == y.max():
+        raise ValueError("ROC needs both positive and negative samples")
+    return s, y
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve ``(fpr, tpr, thresholds)``; a sample is positive when ``score >= threshold``.
+
+    The first point is ``(0, 0)`` at threshold ``+inf``; tied scores form one point.
+    """
+    s, y = _binary(scores, labels)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tps = np.cumsum(y)[distinct]
+    fps = (distinct + 1) - tps
+    tpr = np.r_[0.0, tps / y.sum()]
+    fpr = np.r_[0.0, fps / (y.size - y.sum())]
+    return fpr, tpr, np.r_[np.inf, s[distinct]]
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (trapezoids; equals the Mann-Whitney U statistic with ties 1/2)."""
+    fpr, tpr, _ = roc_curve(scores, labels)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def multiclass_auc(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC over the classes present with both outcomes."""
+    p = np.asarray(probabilities)
+    y = _check_labels(labels, p.shape[0], classes=p.shape[1])
+    aucs = [
+        roc_auc(p[:, k], (y == k).astype(np.int64))
+        for k in range(p.shape[1])
+        if 0 < int((y == k).sum()) < y.size
+    ]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+@dataclass(frozen=True)
+class OperatingPointResult:
+    """A threshold on a score and its sensitivity/specificity on the data it was chosen on."""
+
+    threshold: float
+    sensitivity: float
+    specificity: float
+    method: str
+
+    @property
+    def youden_j(self) -> float:
+        return self.sensitivity + self.specificity - 1.0
+
+
+def _finite_threshold(thresholds: np.ndarray, i: int) -> float:
+    # Index 0 is +inf (nothing positive); clamp into [0, 1] for probability scores.
+    value = thresholds[i] if math.isfinite(thresholds[i]) else thresholds[1] + 1e-6
+    return float(value)
+
+
+def youden_threshold(scores: np.ndarray, labels: np.ndarray) -> OperatingPointResult:
+    """Threshold maximising Youden's ``J = sensitivity + specificity - 1`` (first maximum,
+    i.e. the highest such threshold)."""
+    fpr, tpr, thresholds = roc_curve(scores, labels)
+    j = tpr - fpr
+    i = int(np.argmax(j))
+    return OperatingPointResult(
+        _finite_threshold(thresholds, i), float(tpr[i]), float(1 - fpr[i]), "youden"
+    )
+
+
+def threshold_for_sensitivity(
+    scores: np.ndarray, labels: np.ndarray, target: float
+) -> OperatingPointResult:
+    """Highest threshold whose sensitivity is at least ``target`` (best specificity then)."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target sensitivity must be within (0, 1], got {target}")
+    fpr, tpr, thresholds = roc_curve(scores, labels)
+    i = int(np.argmax(tpr >= target - 1e-12))
+    return OperatingPointResult(
+        _finite_threshold(thresholds, i),
+        float(tpr[i]),
+        float(1 - fpr[i]),
+        f"sensitivity>={target:g}",
+    )
+
+
+def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
+    """``(classes, classes)`` counts, rows = truth, columns = prediction."""
+    y = _check_labels(labels, len(predicted), classes=classes)
+    return np.bincount(y * classes + np.asarray(predicted, np.int64), minlength=classes**2).reshape(
+        classes, classes
+    )

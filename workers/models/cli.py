@@ -1,0 +1,522 @@
+"""``sononode model <command>``: train, calibrate, threshold, evaluate, distill, info.
+
+Each command reads its data from a DICOM folder plus labels CSV (``--data``, ``--labels``)
+or simulates it (``--simulated N`` studies, ``--seed``), and writes a model pack or a
+report. Multi-task packs (``multitask_mobilenet``) only, except ``info``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _add_data_args(
+    parser: argparse.ArgumentParser, *, simulated_default: int | None = None
+) -> None:
+    group = parser.add_argument_group("data (a DICOM folder with labels, or simulated studies)")
+    group.add_argument("--data", type=Path, help="folder of DICOM files")
+    group.add_argument(
+        "--labels",
+        type=Path,
+        help="CSV: file or sop_instance_uid, then view, nodule, lung_pattern, quality columns",
+    )
+    group.add_argument(
+        "--simulated",
+        type=int,
+        default=simulated_default,
+        metavar="N",
+        help="simulate N studies instead of reading files",
+    )
+    group.add_argument("--seed", type=int, default=0, help="random seed (simulation, splits, init)")
+    group.add_argument(
+        "--include-held-out",
+        action="store_true",
+        help="simulate the held-out vendor too (always on for evaluate)",
+    )
+
+
+def _frames(args: argparse.Namespace, input_size: tuple[int, int], *, all_vendors: bool = False):  # type: ignore[no-untyped-def]
+    from workers.models.data import read_labelled_folder, simulate_frameset, vendor_names
+
+    if args.data is not None:
+        if args.labels is None:
+            raise SystemExit("--data needs --labels")
+        return read_labelled_folder(args.data, args.labels, input_size=input_size)
+    if not args.simulated:
+        raise SystemExit("give --data DIR --labels CSV, or --simulated N")
+    vendors = None
+    if all_vendors or args.include_held_out:
+        from workers.simulator import VENDOR_STYLES
+
+        vendors = vendor_names(VENDOR_STYLES)
+    return simulate_frameset(args.simulated, seed=args.seed, input_size=input_size, vendors=vendors)
+
+
+def _input_size(pack: Any) -> tuple[int, int]:
+    return (pack.input.height, pack.input.width)
+
+
+def _held_out() -> str | None:
+    try:
+        from workers.simulator import HELD_OUT_VENDOR
+    except ImportError:
+        return None
+    return str(HELD_OUT_VENDOR)
+
+
+def _write_json(path: Path | None, data: Any) -> None:
+    text = json.dumps(data, indent=2, default=float)
+    if path is None:
+        print(text)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from workers.models.data import split_by_study
+    from workers.models.evaluate import evaluate_pack, markdown_report, model_card, to_json
+    from workers.models.nets import MultiTaskMobileNet
+    from workers.models.packs import ModelPack, write_pack
+    from workers.models.train import (
+        INPUT_SIZE,
+        apply_calibration,
+        calibrate_members,
+        default_input_spec,
+        multitask_manifest,
+        network_outputs,
+        pack_from_networks,
+        size_report,
+        train_network,
+    )
+
+    spec = default_input_spec()
+    width = args.width
+    net = MultiTaskMobileNet(width=width)
+    if args.init_from is not None:
+        source = ModelPack.load(args.init_from, device="cpu")
+        if source.manifest.architecture != "multitask_mobilenet":
+            raise SystemExit(
+                f"--init-from needs a multitask_mobilenet pack, got {source.manifest.architecture}"
+            )
+        spec = source.input
+        width = float(source.manifest.architecture_params.get("width", 1.0))
+        net = MultiTaskMobileNet(width=width)
+        net.load_state_dict(source.networks[0].state_dict())
+    torch.manual_seed(args.seed)
+    data = _frames(args, (spec.height, spec.width) if args.init_from else INPUT_SIZE)
+    train_set, cal_set, test_set = split_by_study(data, [0.7, 0.15, 0.15], seed=args.seed)
+    report = train_network(
+        net,
+        train_set,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        spec=spec,
+        freeze_backbone=args.freeze_backbone,
+    )
+    embeddings = network_outputs(net, train_set, spec=spec)["embedding"]
+    cal = calibrate_members([net], cal_set, spec=spec, train_embeddings=embeddings)
+    simulated = args.data is None
+    manifest = multitask_manifest(
+        name=args.name,
+        version=args.version,
+        width=width,
+        simulated=simulated,
+        training_description=(
+            f"{len(train_set)} frames "
+            f"({'simulated, seed ' + str(args.seed) if simulated else args.data}); "
+            f"split by study 70/15/15 train/calibration/test"
+            + (f"; initialised from {args.init_from}" if args.init_from else "")
+            + ("; backbone frozen" if args.freeze_backbone else "")
+        ),
+        input_size=(spec.height, spec.width),
+    )
+    manifest = apply_calibration(manifest, cal)
+    pack = pack_from_networks(manifest, [net], ood=cal.ood)
+    evaluation = evaluate_pack(pack, test_set, held_out_vendor=_held_out())
+    manifest["metrics"] = {
+        "test_set": f"{len(test_set)} frames of held-out studies",
+        **evaluation["summary"],
+        "size": size_report([net]),
+    }
+    write_pack(
+        args.out,
+        manifest,
+        [net.state_dict()],
+        ood=cal.ood,
+        extra_files={
+            "MODEL_CARD.md": model_card(manifest, evaluation),
+            "EVALUATION.md": markdown_report(evaluation),
+        },
+    )
+    print(
+        f"trained {report.frames_seen} frames in {report.seconds:.0f} s, losses "
+        f"{[round(x, 3) for x in report.epoch_loss]}; ECE before {cal.ece_before} after "
+        f"{cal.ece_after}; pack written to {args.out}"
+    )
+    _write_json(None, to_json(evaluation)["summary"]["overall"])
+    return 0
+
+
+def _rewrite(pack: Any, manifest: dict[str, Any], out: Path) -> None:
+    from workers.models.packs import write_pack
+
+    extras = {}
+    if pack.path is not None:
+        for name in ("MODEL_CARD.md", "EVALUATION.md"):
+            if (pack.path / name).is_file():
+                extras[name] = (pack.path / name).read_text(encoding="utf-8")
+    write_pack(
+        out, manifest, [n.state_dict() for n in pack.networks], ood=pack.ood, extra_files=extras
+    )
+
+
+def cmd_calibrate(args: argparse.Namespace, *, target_sensitivity: float | None = None) -> int:
+    from workers.models.packs import ModelPack
+    from workers.models.train import CalibrationResult, apply_calibration, calibrate_members
+
+    pack = ModelPack.load(args.pack, device="cpu")
+    if pack.manifest.architecture != "multitask_mobilenet":
+        raise SystemExit("calibrate/threshold support multitask_mobilenet packs only")
+    frames = _frames(args, _input_size(pack))
+    result: CalibrationResult = calibrate_members(
+        pack.networks,
+        frames,
+        spec=pack.input,
+        ood=pack.ood,
+        target_sensitivity=target_sensitivity,
+        ood_tpr=pack.manifest.ood.tpr if pack.manifest.ood and pack.manifest.ood.tpr else 0.95,
+    )
+    manifest = json.loads(json.dumps(dict(pack.manifest.raw)))
+    if target_sensitivity is None:
+        manifest = apply_calibration(manifest, result)
+    elif result.operating_point is not None:
+        manifest["tasks"]["nodule"]["operating_point"] = result.operating_point
+    else:
+        raise SystemExit(
+            "no thyroid frames with both malignant and other nodules to set a threshold"
+        )
+    out = args.out or args.pack
+    _rewrite(pack, manifest, out)
+    print(
+        json.dumps(
+            {
+                "ece_before": result.ece_before,
+                "ece_after": result.ece_after,
+                "temperatures": result.temperatures,
+                "operating_point": result.operating_point,
+                "ood_threshold": result.ood_threshold,
+                "pack": str(out),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_threshold(args: argparse.Namespace) -> int:
+    return cmd_calibrate(args, target_sensitivity=args.target_sensitivity)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from workers.models.evaluate import evaluate_pack, markdown_report, to_json, write_plots
+    from workers.models.packs import ModelPack
+
+    pack = ModelPack.load(args.pack, device=args.device)
+    frames = _frames(args, _input_size(pack), all_vendors=True)
+    result = evaluate_pack(pack, frames, held_out_vendor=_held_out())
+    out: Path = args.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "evaluation.json", to_json(result))
+    (out / "evaluation.md").write_text(markdown_report(result), encoding="utf-8")
+    plots = write_plots(pack, frames, result, out)
+    print(markdown_report(result))
+    print(
+        f"wrote {out / 'evaluation.json'}, {out / 'evaluation.md'} and "
+        f"{', '.join(p.name for p in plots)}"
+    )
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from workers.models.data import split_by_study
+    from workers.models.evaluate import evaluate_pack, markdown_report, model_card
+    from workers.models.nets import MultiTaskMobileNet
+    from workers.models.packs import ModelPack, write_pack
+    from workers.models.train import (
+        apply_calibration,
+        calibrate_members,
+        multitask_manifest,
+        network_outputs,
+        pack_from_networks,
+        size_report,
+        train_network,
+    )
+
+    teachers = [ModelPack.load(p, device="cpu") for p in args.teacher]
+    for t in teachers:
+        if t.manifest.architecture != "multitask_mobilenet":
+            raise SystemExit("distill supports multitask_mobilenet teachers only")
+    spec = teachers[0].input
+    frames = _frames(args, (spec.height, spec.width))
+    train_set, cal_set, test_set = split_by_study(frames, [0.7, 0.15, 0.15], seed=args.seed)
+    student = MultiTaskMobileNet(width=args.width)
+    teacher_nets = [n for t in teachers for n in t.networks]
+    report = train_network(
+        student,
+        train_set,
+        epochs=args.epochs,
+        seed=args.seed,
+        spec=spec,
+        teacher=teacher_nets,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
+    emb = network_outputs(student, train_set, spec=spec)["embedding"]
+    cal = calibrate_members([student], cal_set, spec=spec, train_embeddings=emb)
+    manifest = multitask_manifest(
+        name=args.name,
+        version=args.version,
+        width=args.width,
+        simulated=any(t.manifest.simulated for t in teachers) or args.data is None,
+        training_description=(
+            f"Distilled from {', '.join(t.name + ' ' + t.manifest.version for t in teachers)} "
+            f"on {len(train_set)} frames; split by study 70/15/15."
+        ),
+        input_size=(spec.height, spec.width),
+    )
+    manifest = apply_calibration(manifest, cal)
+    student_pack = pack_from_networks(manifest, [student], ood=cal.ood)
+    held_out = _held_out()
+    student_eval = evaluate_pack(student_pack, test_set, held_out_vendor=held_out)
+    comparison: dict[str, Any] = {
+        "student": {**size_report([student]), **_accuracies(student_eval)},
+        "teachers": [],
+        "train_seconds": round(report.seconds, 1),
+    }
+    for t in teachers:
+        ev = evaluate_pack(t, test_set, held_out_vendor=held_out)
+        comparison["teachers"].append(
+            {"name": t.name, **size_report(t.networks), **_accuracies(ev)}
+        )
+    manifest["metrics"] = {
+        "test_set": f"{len(test_set)} frames of held-out studies",
+        **student_eval["summary"],
+        "size": size_report([student]),
+        "distillation": comparison,
+    }
+    write_pack(
+        args.out,
+        manifest,
+        [student.state_dict()],
+        ood=cal.ood,
+        extra_files={
+            "MODEL_CARD.md": model_card(manifest, student_eval),
+            "EVALUATION.md": markdown_report(student_eval),
+        },
+    )
+    print(json.dumps(comparison, indent=2))
+    return 0
+
+
+def _accuracies(evaluation: dict[str, Any]) -> dict[str, Any]:
+    overall = evaluation["overall"]
+    return {
+        f"{task}_accuracy": m.get("accuracy")
+        for task, m in overall.items()
+        if isinstance(m, dict) and "accuracy" in m
+    }
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from workers.models.evaluate import markdown_report, to_json
+    from workers.models.train import build_reference_pack
+
+    result = build_reference_pack(
+        args.out,
+        seed=args.seed,
+        train_studies=args.train_studies,
+        epochs=args.epochs,
+        processes=args.processes,
+    )
+    if args.report is not None:
+        _write_json(args.report, to_json(result))
+    print(markdown_report(result))
+    print(json.dumps(result["train_report"], indent=2))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from workers.models.nets import count_parameters
+    from workers.models.packs import ModelPack, PackError
+
+    try:
+        pack = ModelPack.load(args.pack, device="cpu")
+    except PackError as exc:
+        print(f"INVALID: {exc}", file=sys.stderr)
+        return 2
+    m = pack.manifest
+    files = sum(f.stat().st_size for f in Path(args.pack).iterdir() if f.is_file())
+    info = {
+        "name": m.name,
+        "version": m.version,
+        "algorithm": pack.algorithm.name,
+        "sha256": pack.sha256,
+        "format_version": m.raw.get("format_version"),
+        "architecture": m.architecture,
+        "params": dict(m.architecture_params),
+        "members": len(m.members),
+        "parameters": sum(count_parameters(n) for n in pack.networks),
+        "pack_bytes": files,
+        "input": {"height": m.input.height, "width": m.input.width, "region": m.input.region.value},
+        "tasks": {
+            name: {
+                "kind": t.kind.value,
+                "role": t.role.value,
+                "labels": list(t.label_names),
+                "temperature": list(t.temperatures),
+                "threshold": t.threshold,
+                "operating_point": None if t.operating_point is None else vars(t.operating_point),
+                "applies_to": t.applies_to,
+            }
+            for name, t in m.tasks.items()
+        },
+        "ood": None if m.ood is None else {"threshold": m.ood.threshold, "tpr": m.ood.tpr},
+        "simulated_training_data": m.simulated,
+        "verified": True,
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from workers.models.packs import ModelPack
+
+    pack = ModelPack.load(args.pack, device=args.device)
+    rng = np.random.default_rng(0)
+    frames = [rng.random((300, 400), dtype=np.float32) for _ in range(args.frames)]
+    out = {}
+    for batch in args.batch_sizes:
+        pack.predict(frames[: max(batch, 2)], batch_size=batch)
+        started = time.perf_counter()
+        pack.predict(frames, batch_size=batch)
+        out[f"batch_{batch}_frames_per_s"] = round(len(frames) / (time.perf_counter() - started), 1)
+    print(json.dumps({"device": str(pack.device), "torch_threads": torch.get_num_threads(), **out}))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sononode model", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a multi-task pack")
+    _add_data_args(p)
+    p.add_argument("--out", type=Path, required=True, help="pack folder to write")
+    p.add_argument("--init-from", type=Path, help="start from this pack's weights (transfer)")
+    p.add_argument("--freeze-backbone", action="store_true", help="train the heads only")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--name", default="sononode-us-custom")
+    p.add_argument("--version", default="0.1.0")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, text in (
+        ("calibrate", cmd_calibrate, "refit temperatures and the OOD threshold of a pack"),
+        ("threshold", cmd_threshold, "set the malignant-nodule operating point"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("pack", type=Path)
+        _add_data_args(p)
+        p.add_argument("--out", type=Path, help="write here instead of in place")
+        if name == "threshold":
+            p.add_argument("--target-sensitivity", type=float, required=True)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("evaluate", help="metrics, Markdown report and plots")
+    p.add_argument("pack", type=Path)
+    _add_data_args(p)
+    p.add_argument("--report-dir", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("distill", help="train a smaller student from teacher pack(s)")
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        action="append",
+        required=True,
+        help="teacher pack (repeat for an ensemble)",
+    )
+    _add_data_args(p)
+    p.add_argument("--width", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name", default="sononode-us-student")
+    p.add_argument("--version", default="0.1.0")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("reference", help="rebuild the simulated reference pack from scratch")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=20250)
+    p.add_argument("--train-studies", type=int, default=850)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--processes", type=int, default=2, help="simulation processes")
+    p.add_argument("--report", type=Path, help="write the evaluation JSON here")
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("info", help="verify a pack and print its manifest summary")
+    p.add_argument("pack", type=Path)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("benchmark", help="frames per second of a pack")
+    p.add_argument("pack", type=Path)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--frames", type=int, default=128)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.set_defaults(func=cmd_benchmark)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sononode model``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from workers.models.packs import PackError
+
+    try:
+        return int(args.func(args))
+    except PackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,435 @@
+"""Evaluation of a pack on labelled frames: metrics overall and per vendor, reports, plots.
+
+:func:`evaluate_pack` returns a JSON-serialisable dict; :func:`markdown_report` and
+:func:`model_card` render it; :func:`write_plots` draws reliability diagrams and ROC curves
+with matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from workers.models.calibration import (
+    expected_calibration_error,
+    multiclass_auc,
+    reliability_bins,
+    roc_auc,
+    roc_curve,
+)
+from workers.models.data import FrameSet
+from workers.models.packs import ModelPack, TaskKind, normalise, softmax
+
+logger = logging.getLogger(__name__)
+
+
+def pack_inputs(pack: ModelPack, frames: FrameSet) -> torch.Tensor:
+    """The pack's network input for a frame set (resized when sizes differ)."""
+    x = frames.unit_float()
+    size = (pack.input.height, pack.input.width)
+    if tuple(x.shape[2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return normalise(x, pack.input)
+
+
+def _round(value: float, digits: int = 4) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), digits)
+
+
+def _task_metrics(
+    pack: ModelPack,
+    task: str,
+    raw: Sequence[Mapping[str, np.ndarray]],
+    calibrated: np.ndarray,
+    labels: np.ndarray,
+) -> dict[str, Any]:
+    spec = pack.tasks[task]
+    mask = labels >= 0
+    n = int(mask.sum())
+    if n == 0:
+        return {"n": 0}
+    y = labels[mask]
+    p = calibrated[mask]
+    p_raw = np.mean([softmax(r[spec.output][mask]) for r in raw], axis=0)
+    out: dict[str, Any] = {
+        "n": n,
+        "accuracy": _round(float((p.argmax(1) == y).mean())),
+        "auc_macro": _round(multiclass_auc(p, y)),
+        "ece_uncalibrated": _round(expected_calibration_error(p_raw, y)),
+        "ece": _round(expected_calibration_error(p, y)),
+    }
+    coverage = p.max(1) >= spec.threshold
+    out["coverage_at_threshold"] = _round(float(coverage.mean()))
+    out["accuracy_when_confident"] = (
+        _round(float((p.argmax(1) == y)[coverage].mean())) if coverage.any() else None
+    )
+    op = spec.operating_point
+    if op is not None:
+        k = spec.label_names.index(op.label)
+        positive = (y == k).astype(np.int64)
+        if 0 < positive.sum() < positive.size:
+            score = p[:, k]
+            called = score >= op.threshold
+            out[f"{op.label}_auc"] = _round(roc_auc(score, positive))
+            out[f"{op.label}_sensitivity"] = _round(float(called[positive == 1].mean()))
+            out[f"{op.label}_specificity"] = _round(float((~called)[positive == 0].mean()))
+            out[f"{op.label}_threshold"] = op.threshold
+    return out
+
+
+def _subset_metrics(
+    pack: ModelPack, frames: FrameSet, raw: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, Any]:
+    prediction = pack.calibrate_outputs(raw)
+    metrics: dict[str, Any] = {"frames": len(frames)}
+    for name, spec in pack.tasks.items():
+        if spec.kind is TaskKind.CLASSIFICATION:
+            if name not in frames.labels:
+                continue
+            metrics[name] = _task_metrics(
+                pack, name, raw, prediction.probabilities[name], frames.labels[name].numpy()
+            )
+        elif name == "quality":
+            q = frames.quality.numpy()
+            mask = ~np.isnan(q)
+            if mask.any():
+                v = prediction.values[name][mask]
+                varied = mask.sum() > 2 and float(v.std()) > 0 and float(q[mask].std()) > 0
+                corr = float(np.corrcoef(v, q[mask])[0, 1]) if varied else float("nan")
+                metrics[name] = {
+                    "n": int(mask.sum()),
+                    "mae": _round(float(np.abs(v - q[mask]).mean())),
+                    "pearson_r": _round(corr),
+                }
+    if prediction.ood_score is not None and pack.manifest.ood is not None:
+        metrics["ood_flagged_fraction"] = _round(
+            float((prediction.ood_score > pack.manifest.ood.threshold).mean())
+        )
+        metrics["ood_score_median"] = _round(float(np.median(prediction.ood_score)), 2)
+    return metrics
+
+
+def _slice_raw(
+    raw: Sequence[Mapping[str, np.ndarray]], index: np.ndarray
+) -> list[dict[str, np.ndarray]]:
+    return [{k: v[index] for k, v in member.items()} for member in raw]
+
+
+def evaluate_pack(
+    pack: ModelPack,
+    frames: FrameSet,
+    *,
+    held_out_vendor: str | None = None,
+    batch_size: int = 128,
+) -> dict[str, Any]:
+    """Metrics of ``pack`` on ``frames`` overall and per vendor.
+
+    Per classification task: accuracy, macro one-vs-rest AUC, ECE (15 bins) of the raw and of
+    the temperature-scaled probabilities, coverage and accuracy above the confidence floor;
+    for a task with an operating point, AUC, sensitivity and specificity of its positive label.
+    ``summary`` gathers headline figures for the manifest.
+    """
+    raw = pack.raw_outputs(pack_inputs(pack, frames), batch_size=batch_size)
+    result: dict[str, Any] = {"overall": _subset_metrics(pack, frames, raw), "per_vendor": {}}
+    vendors = np.array(frames.vendor)
+    for vendor in frames.vendors():
+        index = np.nonzero(vendors == vendor)[0]
+        metrics = _subset_metrics(pack, frames.subset(index), _slice_raw(raw, index))
+        metrics["held_out"] = vendor == held_out_vendor
+        result["per_vendor"][vendor] = metrics
+    if held_out_vendor is not None:
+        index = np.nonzero(vendors != held_out_vendor)[0]
+        if index.size:
+            result["seen_vendors"] = _subset_metrics(
+                pack, frames.subset(index), _slice_raw(raw, index)
+            )
+    result["summary"] = summarise(result, held_out_vendor)
+    result["_raw"] = raw  # for plots; dropped by to_json()
+    return result
+
+
+def summarise(result: Mapping[str, Any], held_out_vendor: str | None) -> dict[str, Any]:
+    """Headline metrics for the manifest (accuracies, AUCs, ECEs; overall and per vendor)."""
+
+    def headline(metrics: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"frames": metrics.get("frames")}
+        for task, m in metrics.items():
+            if isinstance(m, Mapping) and "accuracy" in m:
+                out[task] = {
+                    k: m[k]
+                    for k in (
+                        "n",
+                        "accuracy",
+                        "auc_macro",
+                        "ece_uncalibrated",
+                        "ece",
+                        "malignant_auc",
+                        "malignant_sensitivity",
+                        "malignant_specificity",
+                    )
+                    if k in m
+                }
+            elif isinstance(m, Mapping) and "mae" in m:
+                out[task] = {"mae": m["mae"], "pearson_r": m["pearson_r"]}
+        if "ood_flagged_fraction" in metrics:
+            out["ood_flagged_fraction"] = metrics["ood_flagged_fraction"]
+        return out
+
+    summary: dict[str, Any] = {"overall": headline(result["overall"])}
+    if "seen_vendors" in result:
+        summary["seen_vendors"] = headline(result["seen_vendors"])
+    summary["per_vendor"] = {
+        vendor: {**headline(m), "held_out": m.get("held_out", False)}
+        for vendor, m in result["per_vendor"].items()
+    }
+    if held_out_vendor is not None:
+        summary["held_out_vendor"] = held_out_vendor
+    return summary
+
+
+def to_json(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation without the raw arrays."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def markdown_report(result: Mapping[str, Any]) -> str:
+    """A Markdown table per task: rows overall and per vendor."""
+    rows: list[tuple[str, Mapping[str, Any]]] = [("overall", result["overall"])]
+    if "seen_vendors" in result:
+        rows.append(("training vendors", result["seen_vendors"]))
+    for vendor, m in result["per_vendor"].items():
+        rows.append((f"{vendor}{' (held out)' if m.get('held_out') else ''}", m))
+    tasks = [t for t, m in result["overall"].items() if isinstance(m, Mapping) and "accuracy" in m]
+    lines = ["# Evaluation", ""]
+    for task in tasks:
+        extra = ["malignant_auc", "malignant_sensitivity", "malignant_specificity"]
+        has_extra = any(extra[0] in (m.get(task) or {}) for _, m in rows)
+        header = [
+            "subset",
+            "n",
+            "accuracy",
+            "AUC (macro)",
+            "ECE raw",
+            "ECE calibrated",
+            "coverage",
+            "acc. confident",
+        ]
+        if has_extra:
+            header += ["malignant AUC", "sensitivity", "specificity"]
+        lines += [f"## {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name, m in rows:
+            t = m.get(task) or {}
+            cells = [
+                name,
+                t.get("n"),
+                t.get("accuracy"),
+                t.get("auc_macro"),
+                t.get("ece_uncalibrated"),
+                t.get("ece"),
+                t.get("coverage_at_threshold"),
+                t.get("accuracy_when_confident"),
+            ]
+            if has_extra:
+                cells += [t.get(k) for k in extra]
+            lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        lines.append("")
+    if "quality" in result["overall"]:
+        lines += ["## quality", "", "| subset | MAE | Pearson r |", "|---|---|---|"]
+        for name, m in rows:
+            q = m.get("quality") or {}
+            lines.append(f"| {name} | {_fmt(q.get('mae'))} | {_fmt(q.get('pearson_r'))} |")
+        lines.append("")
+    if "ood_flagged_fraction" in result["overall"]:
+        lines += ["## out-of-distribution flag rate", "", "| subset | flagged |", "|---|---|"]
+        for name, m in rows:
+            lines.append(f"| {name} | {_fmt(m.get('ood_flagged_fraction'))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
+    """``MODEL_CARD.md`` of a pack: identity, intended use, data, calibration, metrics."""
+    simulated = bool(manifest["training_data"].get("simulated"))
+    warning = (
+        "> **NOT FOR CLINICAL USE.** This pack was trained and evaluated on **simulated** "
+        "ultrasound images only (sononode's own simulator with fictional vendors). Its outputs "
+        "say nothing about real patients. It exists to exercise the node end to end.\n"
+        if simulated
+        else ""
+    )
+    tasks = manifest["tasks"]
+    calib_rows = []
+    for name, task in tasks.items():
+        c = task.get("calibration") or {}
+        if c:
+            calib_rows.append(
+                f"| {name} | {c.get('temperature')} | {_fmt(c.get('ece_before'))} | "
+                f"{_fmt(c.get('ece_after'))} | {task.get('threshold')} |"
+            )
+    op = tasks.get("nodule", {}).get("operating_point") or {}
+    ood = manifest.get("ood") or {}
+    training = manifest["training_data"]
+    size = manifest.get("metrics", {}).get("size", {})
+    return "\n".join(
+        [
+            f"# Model card: {manifest['name']} {manifest['version']}",
+            "",
+            warning,
+            "## What it does",
+            "",
+            "One B-mode frame (grey crop of the scan region, resized to "
+            f"{manifest['input']['height']}x{manifest['input']['width']}) in; out: the view "
+            "(abdomen, thyroid transverse, thyroid longitudinal, cardiac apical 4-chamber, lung), "
+            "for thyroid views a nodule class (none / benign / malignant), for the lung view a "
+            "pattern (normal / B-lines / consolidation), an image quality score in [0, 1], and an "
+            "embedding whose Mahalanobis distance to the training data flags out-of-distribution "
+            "input. Cine loops are averaged over sampled frames by the node.",
+            "",
+            f"Architecture: `{manifest['architecture']['name']}` "
+            f"{manifest['architecture'].get('params', {})}, {size.get('parameters', '?')} "
+            f"parameters ({size.get('float32_megabytes', '?')} MB float32).",
+            "",
+            "## Training data",
+            "",
+            training["description"],
+            "",
+            "## Calibration and operating points",
+            "",
+            "Temperature scaling fitted by NLL (LBFGS) on held-out studies; ECE with 15 bins "
+            "on that calibration split.",
+            "",
+            "| task | temperature | ECE before | ECE after | confidence floor |",
+            "|---|---|---|---|---|",
+            *calib_rows,
+            "",
+            (
+                f"Malignant nodule operating point ({op.get('method')}): p(malignant) >= "
+                f"{op.get('threshold')} (sensitivity {op.get('sensitivity')}, specificity "
+                f"{op.get('specificity')} on the calibration split)."
+                if op
+                else "No operating point set."
+            ),
+            "",
+            (
+                f"Out of distribution: Mahalanobis distance > {ood.get('threshold')} "
+                f"(keeps {ood.get('tpr')} of held-out in-distribution frames)."
+                if ood
+                else ""
+            ),
+            "",
+            "## Metrics on fresh simulated test studies",
+            "",
+            manifest.get("metrics", {}).get("test_set", ""),
+            "",
+            markdown_report(result).replace("# Evaluation\n", "").replace("## ", "### "),
+            "",
+            "## Limitations",
+            "",
+            "- Simulated images only; real scanners, patients and pathologies differ."
+            if simulated
+            else "- See the training data description.",
+            "- One vendor is held out from training to measure vendor shift; expect lower "
+            "accuracy and more abstentions on unseen vendors.",
+            "- The node abstains (and asks for human review) below each task's confidence floor "
+            "and for out-of-distribution input.",
+            "",
+            f"License: {manifest.get('license')}. Citation: {manifest.get('citation')}",
+            "",
+        ]
+    )
+
+
+def write_plots(
+    pack: ModelPack, frames: FrameSet, result: Mapping[str, Any], folder: Path
+) -> list[Path]:
+    """Reliability diagrams (per classification task) and the malignant ROC, overall and per
+    vendor, as PNG files in ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = result["_raw"]
+    vendors = np.array(frames.vendor)
+    subsets = [("overall", np.arange(len(frames)))] + [
+        (v, np.nonzero(vendors == v)[0]) for v in frames.vendors()
+    ]
+    written: list[Path] = []
+    for name, spec in pack.tasks.items():
+        if spec.kind is not TaskKind.CLASSIFICATION or name not in frames.labels:
+            continue
+        fig, axes = plt.subplots(1, len(subsets), figsize=(3.2 * len(subsets), 3.4), squeeze=False)
+        for ax, (subset, index) in zip(axes[0], subsets, strict=True):
+            sub_raw = _slice_raw(raw, index)
+            y = frames.labels[name].numpy()[index]
+            mask = y >= 0
+            ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+            ax.set_title(subset, fontsize=9)
+            if mask.sum() == 0:
+                continue
+            p_cal = pack.calibrate_outputs(sub_raw).probabilities[name][mask]
+            p_raw = np.mean([softmax(r[spec.output][mask]) for r in sub_raw], axis=0)
+            for probs, label, colour in (
+                (p_raw, "raw", "tab:orange"),
+                (p_cal, "calibrated", "tab:blue"),
+            ):
+                bins = reliability_bins(probs, y[mask])
+                ok = bins.count > 0
+                ax.plot(
+                    bins.confidence[ok],
+                    bins.accuracy[ok],
+                    marker="o",
+                    ms=3,
+                    color=colour,
+                    label=f"{label} ECE {expected_calibration_error(probs, y[mask]):.3f}",
+                )
+            ax.set_xlabel("confidence")
+            ax.set_ylabel("accuracy")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Reliability: {name}")
+        fig.tight_layout()
+        path = folder / f"reliability_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        op = spec.operating_point
+        if op is None:
+            continue
+        k = spec.label_names.index(op.label)
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        for subset, index in subsets:
+            y = frames.labels[name].numpy()[index]
+            mask = y >= 0
+            positive = (y[mask] == k).astype(np.int64)
+            if not 0 < positive.sum() < positive.size:
+                continue
+            score = pack.calibrate_outputs(_slice_raw(raw, index)).probabilities[name][mask, k]
+            fpr, tpr, _ = roc_curve(score, positive)
+            ax.plot(fpr, tpr, lw=1.2, label=f"{subset} AUC {roc_auc(score, positive):.3f}")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.set_title(f"ROC: {name} = {op.label}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = folder / f"roc_{name}_{op.label}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
