@@ -1,0 +1,637 @@
+"""SonoNet-16: the published fetal standard-plane classifier, re-implemented in PyTorch.
+
+Network, weights import and pre-processing for the SonoNet-16 weights published with
+Baumgartner et al., "SonoNet: Real-Time Detection and Localisation of Fetal Standard Scan
+Planes in Freehand Ultrasound", IEEE TMI 2017 (arXiv:1612.05601); weights from the public
+repository ``baumgach/SonoNet-weights`` (Apache-2.0), saved by Lasagne as ``arr_0 ... arr_74``.
+
+- :class:`SonoNet16`: the network (VGG-like, no biases, batch norm after every convolution,
+  1x1 adaptation layers producing 14 class maps, global mean, softmax).
+- :func:`load_npz_state_dict`: the Lasagne arrays mapped onto :class:`SonoNet16`.
+- :func:`preprocess`: an RGB frame cropped to its scan region, resized to 224 x 288 and
+  normalised as the authors did (grey, per-image z-score, times 255).
+- :func:`find_scan_region`: a simple fallback detector of the ultrasound image region.
+- :func:`localise`: an image region for the report from the class map of a label.
+- :func:`import_sononet` / :func:`main`: ``sononode model import-sononet NPZ --out PACK``
+  writes a model pack (``docs/MODEL_PACK.md``).
+
+The weights are data from elsewhere and never part of the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Network input size ``(rows, columns)``.
+INPUT_SIZE: tuple[int, int] = (224, 288)
+#: Batch-norm epsilon used by Lasagne when the weights were saved.
+BN_EPS = 1e-4
+#: Channels of the 3x3 convolutions, block by block (max-pool 2 between blocks).
+BLOCKS: tuple[tuple[int, ...], ...] = (
+    (16, 16),
+    (32, 32),
+    (64, 64, 64),
+    (128, 128, 128),
+    (128, 128, 128),
+)
+#: Channels of the first 1x1 adaptation convolution (the embedding size).
+ADAPTATION_CHANNELS = 64
+#: The authors' crop of their example screen captures, ``(c0, r0, c1, r1)``, exclusive end:
+#: rows 115..734 and columns 81..874 of a 735 x 975 Voluson E8 capture.
+AUTHORS_CROP: tuple[int, int, int, int] = (81, 115, 874, 734)
+#: Scale applied after the per-image z-score (the authors' ``* 255``).
+INPUT_SCALE = 255.0
+#: Code scheme of the private label codes (as the node's other packs).
+CODE_SCHEME = "99SONONODE"
+CITATION = (
+    "Baumgartner CF, Kamnitsas K, Matthew J, Fletcher TP, Smith S, Koch LM, Kainz B, Rueckert D. "
+    '"SonoNet: Real-Time Detection and Localisation of Fetal Standard Scan Planes in Freehand '
+    'Ultrasound", IEEE Transactions on Medical Imaging 36(11):2204-2215, 2017 (arXiv:1612.05601).'
+)
+SOURCE = "baumgach/SonoNet-weights"
+
+
+class SonoNetLabel(StrEnum):
+    """SonoNet-16 outputs, in logit order (the README of the published weights)."""
+
+    THREE_VESSEL = "3VV"
+    """Fetal three-vessel view of the heart."""
+    FOUR_CHAMBER = "4CH"
+    """Fetal four-chamber heart view."""
+    ABDOMINAL = "Abdominal"
+    """Fetal transverse abdominal plane."""
+    BACKGROUND = "Background"
+    """No standard plane: the network's abstention class."""
+    BRAIN_CB = "Brain (Cb.)"
+    """Fetal transcerebellar brain plane."""
+    BRAIN_TV = "Brain (Tv.)"
+    """Fetal transventricular brain plane."""
+    FEMUR = "Femur"
+    """Fetal femur plane."""
+    KIDNEYS = "Kidneys"
+    """Fetal kidneys plane."""
+    LIPS = "Lips"
+    """Fetal lips (coronal) view."""
+    LVOT = "LVOT"
+    """Fetal left ventricular outflow tract view."""
+    PROFILE = "Profile"
+    """Fetal mid-sagittal profile view."""
+    RVOT = "RVOT"
+    """Fetal right ventricular outflow tract view."""
+    SPINE_CORONAL = "Spine (cor.)"
+    """Fetal spine, coronal plane."""
+    SPINE_SAGITTAL = "Spine (sag.)"
+    """Fetal spine, sagittal plane."""
+
+
+#: Labels in output order.
+SONONET_LABELS: tuple[str, ...] = tuple(label.value for label in SonoNetLabel)
+#: The label the node never reports (no standard plane in the frame).
+ABSTAIN_LABEL = SonoNetLabel.BACKGROUND.value
+
+#: Private code (value <= 16 characters, DICOM SH) and meaning of each label.
+LABEL_CODES: dict[SonoNetLabel, tuple[str, str]] = {
+    SonoNetLabel.THREE_VESSEL: ("SN16-3VV", "Fetal three-vessel view"),
+    SonoNetLabel.FOUR_CHAMBER: ("SN16-4CH", "Fetal four-chamber heart view"),
+    SonoNetLabel.ABDOMINAL: ("SN16-ABDOMINAL", "Fetal abdominal circumference plane"),
+    SonoNetLabel.BACKGROUND: ("SN16-BACKGROUND", "No fetal standard plane"),
+    SonoNetLabel.BRAIN_CB: ("SN16-BRAIN-CB", "Fetal transcerebellar brain plane"),
+    SonoNetLabel.BRAIN_TV: ("SN16-BRAIN-TV", "Fetal transventricular brain plane"),
+    SonoNetLabel.FEMUR: ("SN16-FEMUR", "Fetal femur plane"),
+    SonoNetLabel.KIDNEYS: ("SN16-KIDNEYS", "Fetal kidneys plane"),
+    SonoNetLabel.LIPS: ("SN16-LIPS", "Fetal lips coronal view"),
+    SonoNetLabel.LVOT: ("SN16-LVOT", "Fetal left ventricular outflow tract view"),
+    SonoNetLabel.PROFILE: ("SN16-PROFILE", "Fetal mid-sagittal profile view"),
+    SonoNetLabel.RVOT: ("SN16-RVOT", "Fetal right ventricular outflow tract view"),
+    SonoNetLabel.SPINE_CORONAL: ("SN16-SPINE-COR", "Fetal spine coronal plane"),
+    SonoNetLabel.SPINE_SAGITTAL: ("SN16-SPINE-SAG", "Fetal spine sagittal plane"),
+}
+
+Box = tuple[int, int, int, int]
+"""``(column0, row0, column1, row1)`` in frame pixels, exclusive end (as ``InstanceQC``)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Network
+# ----------------------------------------------------------------------------------------
+class ConvBN(nn.Module):
+    """Convolution without bias, batch normalisation, optional ReLU (one Lasagne layer)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, relu: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+        )
+        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x))
+        return F.relu(x) if self.relu else x
+
+
+class SonoNet16(nn.Module):
+    """SonoNet-16 (Baumgartner et al., IEEE TMI 2017).
+
+    Five VGG blocks of 3x3 convolutions (16,16 | 32,32 | 64,64,64 | 128,128,128 |
+    128,128,128) with max-pool 2 between blocks, a 1x1 convolution to 64 channels with ReLU
+    and a 1x1 convolution to one map per class without ReLU; every convolution is followed
+    by batch normalisation and has no bias. Logits are the spatial mean of the class maps.
+
+    Parameters
+    ----------
+    input_scale
+        Factor applied to the input before the first convolution. ``1.0`` (default) for
+        inputs from :func:`preprocess` (already ``z-score * 255``); ``255.0`` in a model pack,
+        whose ``per_image`` normalisation gives the plain z-score.
+    """
+
+    def __init__(self, *, input_scale: float = 1.0) -> None:
+        super().__init__()
+        if not float(input_scale) > 0:
+            raise ValueError(f"input_scale must be positive, got {input_scale!r}")
+        self.input_scale = float(input_scale)
+        blocks = []
+        in_channels = 1
+        for widths in BLOCKS:
+            layers = []
+            for width in widths:
+                layers.append(ConvBN(in_channels, width, 3))
+                in_channels = width
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.ModuleList(blocks)
+        self.adaptation = ConvBN(in_channels, ADAPTATION_CHANNELS, 1)
+        self.classifier = ConvBN(ADAPTATION_CHANNELS, len(SONONET_LABELS), 1, relu=False)
+
+    def layers_in_npz_order(self) -> list[tuple[str, ConvBN]]:
+        """``(state-dict prefix, layer)`` in the order of the Lasagne arrays."""
+        named: list[tuple[str, ConvBN]] = []
+        for b, block in enumerate(self.blocks):
+            for i, layer in enumerate(block.children()):
+                assert isinstance(layer, ConvBN)
+                named.append((f"blocks.{b}.{i}", layer))
+        named += [("adaptation", self.adaptation), ("classifier", self.classifier)]
+        return named
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the network on ``(N, 1, H, W)`` inputs (224 x 288 for the published weights).
+
+        Returns
+        -------
+        dict
+            ``"logits"`` ``(N, 14)``, ``"probabilities"`` ``(N, 14)`` (softmax),
+            ``"class_maps"`` ``(N, 14, H/16, W/16)`` and ``"embedding"`` ``(N, 64)`` (the
+            globally pooled features before the last 1x1 convolution).
+        """
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"SonoNet16 expects (N, 1, H, W) input, got {tuple(x.shape)}")
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+        for index, block in enumerate(self.blocks):
+            if index:
+                x = F.max_pool2d(x, 2)
+            x = block(x)
+        features = self.adaptation(x)
+        class_maps = self.classifier(features)
+        logits = class_maps.mean(dim=(2, 3))
+        return {
+            "logits": logits,
+            "probabilities": torch.softmax(logits, dim=1),
+            "class_maps": class_maps,
+            "embedding": features.mean(dim=(2, 3)),
+        }
+
+
+# ----------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------
+def load_npz_state_dict(npz_path: str | Path) -> dict[str, torch.Tensor]:
+    """Map the Lasagne arrays ``arr_0 ... arr_74`` onto :class:`SonoNet16`'s state dict.
+
+    Per convolution the npz holds five arrays: weights ``(out, in, kh, kw)``, then batch-norm
+    beta, gamma, mean and ``inv_std = 1 / sqrt(var + 1e-4)``; the variance is recovered as
+    ``1 / inv_std**2 - 1e-4`` so that PyTorch's ``BatchNorm2d(eps=1e-4)`` reproduces it.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``npz_path`` does not exist.
+    ValueError
+        If the file is not an npz of ``arr_i`` arrays, has another number of arrays, an array
+        of the wrong shape, or a non-positive ``inv_std``.
+    """
+    path = Path(npz_path)
+    template = SonoNet16()
+    layers = template.layers_in_npz_order()
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: np.asarray(archive[name]) for name in archive.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable npz archive: {exc}") from exc
+    expected = [f"arr_{i}" for i in range(5 * len(layers))]
+    if sorted(arrays) != sorted(expected):
+        raise ValueError(
+            f"{path}: expected the {len(expected)} arrays arr_0..arr_{len(expected) - 1} of "
+            f"SonoNet-16, found {len(arrays)} ({', '.join(sorted(arrays)[:5])}...)"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for i, (prefix, layer) in enumerate(layers):
+        base = 5 * i
+        weight, beta, gamma, mean, inv_std = (arrays[f"arr_{base + k}"] for k in range(5))
+        channels = layer.conv.out_channels
+        wanted = [
+            (f"arr_{base}", weight, tuple(layer.conv.weight.shape), "weights"),
+            (f"arr_{base + 1}", beta, (channels,), "batch-norm beta"),
+            (f"arr_{base + 2}", gamma, (channels,), "batch-norm gamma"),
+            (f"arr_{base + 3}", mean, (channels,), "batch-norm mean"),
+            (f"arr_{base + 4}", inv_std, (channels,), "batch-norm inv_std"),
+        ]
+        for name, array, shape, what in wanted:
+            if tuple(array.shape) != shape:
+                raise ValueError(
+                    f"{path}: {name} ({what} of layer {prefix}) has shape {tuple(array.shape)}, "
+                    f"SonoNet-16 expects {shape}"
+                )
+            if not np.all(np.isfinite(array)):
+                raise ValueError(f"{path}: {name} ({what} of layer {prefix}) is not finite")
+        inv = inv_std.astype(np.float64)
+        if np.any(inv <= 0):
+            raise ValueError(f"{path}: arr_{base + 4} (inv_std of layer {prefix}) must be > 0")
+        var = 1.0 / inv**2 - BN_EPS
+        if np.any(var < 0):
+            # inv_std > 100 cannot come from var + eps with var >= 0; clamp rather than NaN.
+            logger.warning("%s: layer %s has inv_std above 1/sqrt(eps); clamped", path, prefix)
+            var = np.maximum(var, 0.0)
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+        state[f"{prefix}.conv.weight"] = tensor(weight)
+        state[f"{prefix}.bn.weight"] = tensor(gamma)
+        state[f"{prefix}.bn.bias"] = tensor(beta)
+        state[f"{prefix}.bn.running_mean"] = tensor(mean)
+        state[f"{prefix}.bn.running_var"] = tensor(var)
+        state[f"{prefix}.bn.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    missing = set(template.state_dict()) ^ set(state)
+    if missing:  # pragma: no cover - guards the mapping above against a network change
+        raise ValueError(f"state dict keys do not match SonoNet16: {sorted(missing)}")
+    return state
+
+
+def load_sononet(npz_path: str | Path, *, input_scale: float = 1.0) -> SonoNet16:
+    """A :class:`SonoNet16` in eval mode with the weights of ``npz_path``."""
+    model = SonoNet16(input_scale=input_scale)
+    model.load_state_dict(load_npz_state_dict(npz_path))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------
+# Pre-processing
+# ----------------------------------------------------------------------------------------
+def _check_frame(frame: np.ndarray) -> np.ndarray:
+    array = np.asarray(frame)
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        array = array[..., :3]
+    elif array.ndim != 2:
+        raise ValueError(f"expected an RGB (H, W, 3) or grey (H, W) frame, got {array.shape}")
+    if array.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 frame, got {array.dtype}")
+    if min(array.shape[:2]) < 16:
+        raise ValueError(f"frame too small: {array.shape}")
+    return array
+
+
+def _grey(frame: np.ndarray) -> np.ndarray:
+    """Mean of the colour channels (the authors' grey), float32."""
+    if frame.ndim == 2:
+        return frame.astype(np.float32)
+    # Channel by channel: reducing over a last axis of length 3 is several times slower.
+    channels = [frame[..., c].astype(np.float32) for c in range(3)]
+    return (channels[0] + channels[1] + channels[2]) / np.float32(3.0)
+
+
+def find_scan_region(frame: np.ndarray) -> Box | None:
+    """Find the ultrasound image region of an RGB frame; ``None`` when there is none.
+
+    Speckle is textured in every direction throughout the scan region, whereas the vendor's
+    user interface is flat or smoothly shaded panels, edges, thin text and a few coloured
+    icons. A pixel is *active* when the local mean absolute difference to its neighbours is
+    above a small floor both along rows and along columns (a shaded panel or a straight edge
+    varies in one direction only) and the pixel is not strongly coloured. An opening removes
+    thin structures (text strokes, scale ticks), a closing and hole filling restore dark
+    fluid inside the sector, and the bounding box of the largest connected component is the
+    region.
+
+    Parameters
+    ----------
+    frame
+        ``(H, W, 3)`` or ``(H, W)`` ``uint8`` frame.
+
+    Returns
+    -------
+    tuple of int or None
+        ``(column0, row0, column1, row1)``, exclusive end, or ``None`` when no region
+        covering at least 5% of the frame was found.
+    """
+    array = _check_frame(frame)
+    grey = _grey(array)
+    rows, cols = grey.shape
+    dx = np.zeros_like(grey)
+    dx[:, 1:] = np.abs(np.diff(grey, axis=1))
+    dy = np.zeros_like(grey)
+    dy[1:] = np.abs(np.diff(grey, axis=0))
+    texture = np.minimum(ndimage.uniform_filter(dx, 7), ndimage.uniform_filter(dy, 7))
+    active = texture > 0.3
+    if array.ndim == 3:
+        red, green, blue = (array[..., c] for c in range(3))
+        chroma = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+        # Tinted greyscale maps (e.g. GE "SRI/CRI") stay well below this; UI icons do not.
+        active &= chroma < 60
+    size = max(5, round(min(rows, cols) * 0.025)) | 1
+    # Pad by replication so that a scan region touching the frame edge is not eroded there.
+    # Square structuring elements: min/max filters are separable, hence fast.
+    mask = np.pad(active, size, mode="edge").astype(np.uint8)
+    mask = ndimage.maximum_filter(ndimage.minimum_filter(mask, size), size)  # opening
+    mask = ndimage.minimum_filter(ndimage.maximum_filter(mask, size), size)  # closing
+    mask = ndimage.binary_fill_holes(mask[size:-size, size:-size].astype(bool))
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    best = int(np.argmax(areas)) + 1
+    if areas[best - 1] < 0.05 * rows * cols:
+        return None
+    slices = ndimage.find_objects(labels)[best - 1]
+    return (slices[1].start, slices[0].start, slices[1].stop, slices[0].stop)
+
+
+def _clip_region(region: Sequence[int], shape: tuple[int, ...]) -> Box:
+    if len(region) != 4:
+        raise ValueError(f"scan_region must be (c0, r0, c1, r1), got {region!r}")
+    c0, r0, c1, r1 = (int(v) for v in region)
+    rows, cols = shape[:2]
+    c0, c1 = max(0, c0), min(cols, c1)
+    r0, r1 = max(0, r0), min(rows, r1)
+    if c1 - c0 < 16 or r1 - r0 < 16:
+        raise ValueError(
+            f"scan_region {tuple(region)} leaves {max(0, c1 - c0)} x {max(0, r1 - r0)} pixels "
+            f"of a {cols} x {rows} frame; at least 16 x 16 needed"
+        )
+    return c0, r0, c1, r1
+
+
+def resolve_region(frame: np.ndarray, scan_region: Sequence[int] | None) -> Box:
+    """The crop :func:`preprocess` uses: ``scan_region`` clipped to the frame, else the
+    detected scan region, else the whole frame."""
+    array = _check_frame(frame)
+    if scan_region is None:
+        scan_region = find_scan_region(array)
+        if scan_region is None:
+            logger.warning("no scan region found in a %s frame; using the whole frame", array.shape)
+            scan_region = (0, 0, array.shape[1], array.shape[0])
+    return _clip_region(scan_region, array.shape)
+
+
+def preprocess(frame_rgb: np.ndarray, scan_region: Sequence[int] | None = None) -> torch.Tensor:
+    """Turn one frame into SonoNet-16's ``(1, 224, 288)`` float32 input.
+
+    Crop to the scan region (``scan_region``, e.g. from the header's ultrasound regions or
+    QC, else :func:`find_scan_region`, else the whole frame), grey = mean of the colour
+    channels, resize to 224 x 288 (bilinear, antialiased), subtract the image mean, divide
+    by its standard deviation and multiply by 255, as the authors pre-processed their data.
+
+    Parameters
+    ----------
+    frame_rgb
+        ``(H, W, 3)`` ``uint8`` RGB frame (``(H, W)`` grey accepted).
+    scan_region
+        ``(column0, row0, column1, row1)``, exclusive end, or ``None`` to detect it.
+
+    Raises
+    ------
+    ValueError
+        If the frame or region has the wrong shape or the region is (nearly) empty.
+    TypeError
+        If the frame is not ``uint8``.
+    """
+    array = _check_frame(frame_rgb)
+    c0, r0, c1, r1 = resolve_region(array, scan_region)
+    grey = torch.from_numpy(np.ascontiguousarray(_grey(array[r0:r1, c0:c1])))[None, None]
+    resized = F.interpolate(
+        grey, size=INPUT_SIZE, mode="bilinear", antialias=True, align_corners=False
+    )[0]
+    std = resized.std(unbiased=False).clamp_min(1e-6)
+    return ((resized - resized.mean()) / std * INPUT_SCALE).contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# Localisation
+# ----------------------------------------------------------------------------------------
+def localise(
+    class_maps: torch.Tensor | np.ndarray,
+    label_index: int,
+    frame_shape: Sequence[int],
+    region: Sequence[int] | None,
+    *,
+    fraction: float = 0.5,
+) -> Box:
+    """Image region of the plane ``label_index`` from its class map, in frame pixels.
+
+    The label's class map (weakly supervised localisation, as in the paper) is upsampled
+    bilinearly to the crop the network saw, rescaled to ``[0, 1]`` between its minimum and
+    maximum and thresholded at ``fraction``; the bounding box of the largest connected
+    component is shifted back to frame coordinates.
+
+    Parameters
+    ----------
+    class_maps
+        ``(14, h, w)`` or ``(1, 14, h, w)`` class maps of one frame.
+    label_index
+        Index into :data:`SONONET_LABELS` (usually the predicted label).
+    frame_shape
+        ``(rows, columns, ...)`` of the frame.
+    region
+        The crop given to :func:`preprocess` (``None``: the whole frame).
+
+    Returns
+    -------
+    tuple of int
+        ``(column0, row0, column1, row1)``, exclusive end, inside ``region``.
+    """
+    maps = torch.as_tensor(class_maps).detach().float().cpu()
+    if maps.ndim == 4:
+        if maps.shape[0] != 1:
+            raise ValueError(f"class maps of one frame expected, got {tuple(maps.shape)}")
+        maps = maps[0]
+    if maps.ndim != 3:
+        raise ValueError(f"class_maps must be (K, h, w) or (1, K, h, w), got {tuple(maps.shape)}")
+    if not 0 <= label_index < maps.shape[0]:
+        raise ValueError(f"label_index {label_index} outside 0..{maps.shape[0] - 1}")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    rows, cols = int(frame_shape[0]), int(frame_shape[1])
+    c0, r0, c1, r1 = _clip_region(
+        region if region is not None else (0, 0, cols, rows), (rows, cols)
+    )
+    heat = F.interpolate(
+        maps[label_index][None, None],
+        size=(r1 - r0, c1 - c0),
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0].numpy()
+    low, high = float(heat.min()), float(heat.max())
+    if high - low < 1e-12:
+        return c0, r0, c1, r1
+    mask = (heat - low) / (high - low) > fraction
+    labels, count = ndimage.label(mask)
+    areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    slices = ndimage.find_objects(labels)[int(np.argmax(areas))]
+    return (
+        c0 + slices[1].start,
+        r0 + slices[0].start,
+        c0 + slices[1].stop,
+        r0 + slices[0].stop,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Model pack
+# ----------------------------------------------------------------------------------------
+def pack_manifest(*, name: str = "sononet16", version: str = "1.0.0") -> dict[str, Any]:
+    """The manifest of a SonoNet-16 pack, without ``members`` (``write_pack`` adds them)."""
+    return {
+        "name": name,
+        "version": version,
+        "description": (
+            "SonoNet-16 fetal standard scan plane classifier (13 standard planes and "
+            "background), published weights converted from Lasagne. Class maps localise the "
+            "detected plane."
+        ),
+        "architecture": {"name": "sononet16", "params": {"input_scale": INPUT_SCALE}},
+        "input": {
+            "height": INPUT_SIZE[0],
+            "width": INPUT_SIZE[1],
+            "channels": 1,
+            "region": "scan_region",
+            # The authors' normalisation is per-image z-score times 255: the pack format
+            # has no such mode, so the z-score is "per_image" and the x255 is the network's
+            # input_scale parameter.
+            "normalisation": {"mode": "per_image", "scheme": "sononet", "scale": INPUT_SCALE},
+        },
+        "tasks": {
+            "view": {
+                "kind": "classification",
+                "role": "view",
+                "output": "logits",
+                "labels": [
+                    {
+                        "name": label.value,
+                        "code": {
+                            "value": LABEL_CODES[label][0],
+                            "scheme": CODE_SCHEME,
+                            "meaning": LABEL_CODES[label][1],
+                        },
+                        "severity": 0,
+                    }
+                    for label in SonoNetLabel
+                ],
+                "calibration": {
+                    "method": "temperature",
+                    "temperature": 1.0,
+                    "note": (
+                        "uncalibrated: no labelled fetal ultrasound data is available to this "
+                        "node to fit a temperature; refit with 'sononode model calibrate'"
+                    ),
+                },
+                "threshold": 0.5,
+                "abstain_labels": [ABSTAIN_LABEL],
+                "applies_to": None,
+            }
+        },
+        "ood": None,
+        "training_data": {
+            "description": (
+                "Baumgartner et al. 2017: 2694 2D fetal ultrasound examinations (18-22 weeks, "
+                "GE Voluson E8, UK), frames labelled with 13 standard planes plus background. "
+                "Not retrained or calibrated here."
+            ),
+            "simulated": False,
+        },
+        "metrics": {},
+        "citation": CITATION,
+        "license": "Apache-2.0",
+        "source": SOURCE,
+        "localisation": {"output": "class_maps", "method": "class map > 50% of its range"},
+    }
+
+
+def _model_card(manifest: dict[str, Any]) -> str:
+    labels = ", ".join(SONONET_LABELS)
+    return (
+        f"# {manifest['name']} {manifest['version']}\n\n"
+        "SonoNet-16 fetal standard scan plane classifier, weights from "
+        f"`{SOURCE}` (Apache-2.0), converted with `sononode model import-sononet`.\n\n"
+        f"Cite: {CITATION}\n\n"
+        f'Labels: {labels}. "Background" (no standard plane) is never reported.\n\n'
+        "Input: the scan region, grey, 224 x 288, per-image z-score times 255.\n\n"
+        "Calibration: none (temperature 1.0). No fetal data was available here to calibrate "
+        "or evaluate on; probabilities are the network's raw softmax.\n"
+    )
+
+
+def import_sononet(npz_path: Path, out_dir: Path) -> Path:
+    """Convert the published SonoNet-16 npz into a model pack folder ``out_dir``.
+
+    Writes ``weights.pt`` (the state dict of :class:`SonoNet16`), ``manifest.json``
+    (``docs/MODEL_PACK.md``) and ``MODEL_CARD.md`` with
+    :func:`workers.models.packs.write_pack` (atomic, sha256 filled in, validated).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``npz_path`` does not exist.
+    ValueError
+        If the npz does not hold SonoNet-16 weights.
+    """
+    from workers.models.packs import write_pack
+
+    state = load_npz_state_dict(npz_path)
+    manifest = pack_manifest()
+    target = write_pack(
+        out_dir, manifest, [state], extra_files={"MODEL_CARD.md": _model_card(manifest)}
+    )
+    logger.info("imported SonoNet-16 from %s into model pack %s", npz_path, target)
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``sononode model import-sononet NPZ --out PACK_DIR``; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="sononode model import-sononet",
+        description="Convert the published SonoNet-16 weights (npz) into a model pack.",
+    )
+    parser.add_argument("npz", type=Path, help="SonoNet16.npz from baumgach/SonoNet-weights")
+    parser.add_argument("--out", type=Path, required=True, help="pack folder to write")
+    args = parser.parse_args(argv)
+    try:
+        target = import_sononet(args.npz, args.out)
+    except (OSError, ValueError) as exc:
+        print(f"import-sononet: {exc}")
+        return 1
+    print(f"wrote model pack {target}")
+    return 0
