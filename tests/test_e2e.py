@@ -192,6 +192,34 @@ def test_resend_is_stored_once_and_late_instance_supersedes(node: Node, orthanc:
     assert first
 
 
+def test_blank_study_gets_a_not_assessable_sr(node: Node, orthanc: Orthanc, tmp_path: Path,
+                                              seed_base: int) -> None:
+    """Probe in air on every image: no finding, an SR that says "not assessable" and why."""
+    study_uid, files = _simulate(tmp_path / "study", seed=seed_base + 15, n_images=2,
+                                 n_loops=0)
+    for path in files:
+        ds = dcmread(path)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        ds.PixelData = bytes(len(ds.PixelData))  # an all-black frame, headers untouched
+        ds.save_as(path, enforce_file_format=True)
+    dcmsend(node.dicom_port, files)
+    srs = _wait_srs(orthanc, study_uid, 1)
+    sr_path = orthanc.download(srs[0]["ID"], tmp_path / "sr.dcm")
+    verify = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True)
+    errors = [line for line in (verify.stdout + verify.stderr).splitlines()
+              if line.startswith("Error")]
+    assert not errors, "\n".join(errors)
+    summary = read_sr(dcmread(sr_path))
+    assert not summary.assessable
+    assert summary.needs_review
+    assert summary.not_assessable_reasons
+    assert all(img.finding is None or img.finding.abstained for img in summary.images.values())
+    assert {img.qc_outcome.value for img in summary.images.values() if img.qc_outcome} == {"fail"}
+    dump = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True).stdout
+    assert "not assessable" in dump.lower()
+
+
 @pytest.mark.timeout(600)
 def test_pacs_down_then_back(tmp_path: Path) -> None:
     pacs = make_orthanc(tmp_path / "late-orthanc")  # configured, not started: PACS down
