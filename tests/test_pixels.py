@@ -96,21 +96,50 @@ def test_monochrome1_is_inverted(tmp_path: Path) -> None:
     assert inst.frames[0, 0, 0, 0] == 5 and inst.frames[0, 15, 0, 2] == 245
 
 
+def _planar(frames: np.ndarray, dtype: str) -> bytes:
+    """Colour-by-plane (Planar Configuration 1) bytes of ``(N, rows, cols, 3)`` frames."""
+    return np.ascontiguousarray(frames.transpose(0, 3, 1, 2)).astype(dtype).tobytes()
+
+
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("planar", [0, 1])
-def test_rgb_planar_configurations(tmp_path: Path, planar: int) -> None:
-    rgb = _colour_pattern()
-    ds = _image(rgb, "RGB")
+def test_rgb_planar_configurations_and_depths(tmp_path: Path, planar: int, bits: int) -> None:
+    rgb = np.stack([_colour_pattern(), _colour_pattern()[::-1].copy()])  # two frames
+    stored = rgb.astype(np.uint16) * 257 if bits == 16 else rgb
+    ds = _image(stored, "RGB", bits=bits)
     if planar == 1:
         ds.PlanarConfiguration = 1
-        ds.PixelData = np.ascontiguousarray(rgb.transpose(2, 0, 1)).tobytes()
+        ds.PixelData = _planar(stored, "<u2" if bits == 16 else "u1")
     inst = load_instance(_save(ds, tmp_path))
-    assert np.array_equal(inst.frames[0], rgb)
+    assert inst.frames.shape == (2, 32, 48, 3) and inst.frames.dtype == np.uint8
+    assert np.array_equal(inst.frames, rgb)
 
 
-def test_ybr_full_native_converted_to_rgb(tmp_path: Path) -> None:
+@pytest.mark.parametrize("planar", [0, 1])
+def test_ybr_full_native_converted_to_rgb(tmp_path: Path, planar: int) -> None:
     rgb = _colour_pattern()
     ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
-    inst = load_instance(_save(_image(ybr, "YBR_FULL"), tmp_path))
+    ds = _image(ybr, "YBR_FULL")
+    if planar == 1:
+        ds.PlanarConfiguration = 1
+        ds.PixelData = _planar(ybr[None], "u1")
+    inst = load_instance(_save(ds, tmp_path))
+    assert inst.photometric_interpretation == "YBR_FULL"
+    assert np.abs(inst.frames[0].astype(int) - rgb).max() <= 2
+
+
+def test_ybr_full_422_native_converted_to_rgb(tmp_path: Path) -> None:
+    """Uncompressed YBR_FULL_422: Y0 Y1 Cb Cr for each pair of pixels (PS3.3 C.7.6.3.1.2)."""
+    rgb = np.repeat(_colour_pattern(), 2, axis=1)  # colour constant over pixel pairs
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    pairs = np.empty((ybr.shape[0], ybr.shape[1] // 2, 4), np.uint8)
+    pairs[..., 0], pairs[..., 1] = ybr[:, 0::2, 0], ybr[:, 1::2, 0]
+    pairs[..., 2], pairs[..., 3] = ybr[:, 0::2, 1], ybr[:, 0::2, 2]
+    ds = _image(ybr, "YBR_FULL")
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = pairs.tobytes()
+    inst = load_instance(_save(ds, tmp_path))
+    assert inst.frames.shape == (1, *rgb.shape)
     assert np.abs(inst.frames[0].astype(int) - rgb).max() <= 2
 
 
@@ -127,6 +156,36 @@ def test_palette_colour_16bit_lut(tmp_path: Path) -> None:
     assert tuple(px[0]) == (0, 255, 0)
     assert tuple(px[255]) == (255, 0, 127)
     assert tuple(px[100]) == (100, 155, 50)
+
+
+def test_palette_colour_8bit_lut(tmp_path: Path) -> None:
+    idx = np.tile(np.arange(256, dtype=np.uint8), (8, 1))
+    ds = _image(idx, "MONOCHROME2")
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ramp = np.arange(256, dtype=np.uint16)
+    for colour, lut in (("Red", ramp), ("Green", 255 - ramp), ("Blue", ramp // 2)):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 8])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", lut.astype("<u2").tobytes())
+    inst = load_instance(_save(ds, tmp_path))
+    px = inst.frames[0, 0]
+    assert tuple(px[0]) == (0, 255, 0) and tuple(px[255]) == (255, 0, 127)
+    assert tuple(px[100]) == (100, 155, 50)
+
+
+def test_palette_colour_16bit_indices(tmp_path: Path) -> None:
+    idx = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (8, 1))
+    ds = _image(idx, "MONOCHROME2", bits=16)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ramp = (np.arange(4096) * 16).astype(np.uint16)
+    for colour, lut in (("Red", ramp), ("Green", 65535 - ramp), ("Blue", ramp // 2)):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [4096, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", lut.astype("<u2").tobytes())
+    inst = load_instance(_save(ds, tmp_path))
+    assert inst.frames.shape == (1, 8, 256, 3)
+    px = inst.frames[0, 0].astype(int)
+    assert tuple(px[0]) == (0, 255, 0)
+    assert np.abs(px[128] - (128, 127, 64)).max() <= 1
+    assert np.abs(px[255] - (255, 0, 127)).max() <= 1
 
 
 def test_16bit_min_max_scaled(tmp_path: Path) -> None:
@@ -263,9 +322,31 @@ def test_non_dicom_file_is_not_image(tmp_path: Path) -> None:
     assert err.value.reason is PixelErrorReason.NOT_IMAGE
 
 
-def test_unsupported_photometric(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pi", ["YBR_PARTIAL_420", "YBR_PARTIAL_422", "CMYK", "ARGB", "HSV", ""])
+def test_unsupported_photometric(tmp_path: Path, pi: str) -> None:
     ds = _image(_colour_pattern(), "RGB")
-    ds.PhotometricInterpretation = "YBR_PARTIAL_420"
+    ds.PhotometricInterpretation = pi
+    with pytest.raises(PixelDataError) as err:
+        load_instance(_save(ds, tmp_path))
+    assert err.value.reason is PixelErrorReason.UNSUPPORTED_PHOTOMETRIC
+    assert (pi or "(missing)") in str(err.value)
+
+
+@pytest.mark.parametrize("bits", [1, 32])
+def test_unsupported_bit_depth(tmp_path: Path, bits: int) -> None:
+    ds = _image(np.zeros((8, 8), np.uint8), "MONOCHROME2")
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelData = b"\0" * (8 * 8 * bits // 8)
+    with pytest.raises(PixelDataError) as err:
+        load_instance(_save(ds, tmp_path))
+    assert err.value.reason is PixelErrorReason.UNSUPPORTED_PHOTOMETRIC
+
+
+def test_monochrome_with_three_samples_is_unsupported(tmp_path: Path) -> None:
+    ds = _image(_colour_pattern(), "RGB")
+    ds.PhotometricInterpretation = "MONOCHROME2"
     with pytest.raises(PixelDataError) as err:
         load_instance(_save(ds, tmp_path))
     assert err.value.reason is PixelErrorReason.UNSUPPORTED_PHOTOMETRIC

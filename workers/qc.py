@@ -1,10 +1,14 @@
 """Quality control of decoded ultrasound instances before they are shown to the models.
 
 Every check yields a :class:`~dicom_sr.model.QCCheck` with a stable reason code
-(:class:`QCCode`), the measured value and the threshold it was compared with, whether
-it passed or not, so the report and the drift monitor see the figures. Checks made per
-frame (``blank``, ``saturated``, ``low_contrast``) exclude the failing frames from
-``usable_frames``; the instance fails when no frame is left.
+(:class:`QCCode`), the measured value and the threshold it was compared with (all limits
+in :class:`QCThresholds`), and its outcome (pass, warn or fail), passing ones included, so
+the report and the drift monitor see the figures. Checks made per frame (``blank``,
+``saturated``, ``low_contrast``) exclude the failing frames from ``usable_frames`` (a
+loop with some failing frames is warned about); the instance fails when no frame is left.
+Pixel data that cannot be decoded never reaches these checks: it fails with the reason
+code of :class:`workers.pixels.PixelErrorReason` (``undecodable``,
+``unsupported_photometric``, ``no_pixel_data``, ``not_image``).
 
 The measures are plain statistics over the scan region (see :mod:`workers.scan_region`);
 no library provides ultrasound QC, so they are written here on numpy and scipy.ndimage.
@@ -21,10 +25,13 @@ import numpy as np
 from scipy import ndimage
 
 from dicom_sr.model import QCCheck, QCOutcome
-from workers.imaging import DecodedInstance, InstanceQC, PreparedInstance
-from workers.scan_region import ScanRegion, find_scan_region, grey_frames
+from workers.imaging import DecodedInstance, InstanceQC, PreparedInstance, UltrasoundRegion
+from workers.scan_region import RegionSource, ScanRegion, find_scan_region, grey_frames
 
 logger = logging.getLogger(__name__)
+
+#: Physical Units X Direction (0018,6024) value for centimetres.
+_UNITS_CM = 3
 
 
 class QCCode(StrEnum):
@@ -66,16 +73,20 @@ class QCThresholds:
     that good frames pass all checks.
     """
 
+    min_region_fraction: float = 0.02
+    """Scan region area, as a fraction of the frame, below which no image was found."""
     min_region_side_fail: int = 128
     """Scan region short side (pixels) below which the instance fails."""
     min_region_side_warn: int = 192
     """Short side below which it is only warned about (models resize to ~224)."""
-    blank_mean: float = 12.0
-    """A frame whose region mean is below this ...``"""
-    blank_std: float = 8.0
-    """... and whose region standard deviation is below this is blank (fails)."""
+    blank_level: int = 24
+    """Grey level below which a region pixel is dark (noise, air, anechoic)."""
+    blank_fraction: float = 0.9
+    """Fraction of dark region pixels from which a frame is blank (fails): a probe in air
+    shows only faint noise and a few reverberation bands near the top. Good frames stay
+    below about 0.8 even in lung, whose deep part is black."""
     saturated_level: int = 250
-    """Grey level counted as clipped."""
+    """Level (of the brightest channel) counted as clipped."""
     saturated_warn: float = 0.05
     """Fraction of clipped region pixels above which a frame is warned about."""
     saturated_fail: float = 0.25
@@ -88,6 +99,8 @@ class QCThresholds:
     """Distance (grey levels) from the image's grey/tint axis above which a pixel is coloured."""
     colour_warn: float = 0.005
     """Fraction of coloured region pixels above which Doppler is flagged (warn)."""
+    colour_fail: float = 0.3
+    """Fraction above which the colour hides the B-mode the models read (fails)."""
     annotation_contrast: float = 50.0
     """White top-hat (3x3) response above which a pixel may be on a thin burned-in line."""
     annotation_warn: int = 12
@@ -112,6 +125,10 @@ class QCThresholds:
             raise ValueError("saturated_warn must not exceed saturated_fail")
         if self.low_contrast_fail > self.low_contrast_warn:
             raise ValueError("low_contrast_fail must not exceed low_contrast_warn")
+        if self.colour_warn > self.colour_fail:
+            raise ValueError("colour_warn must not exceed colour_fail")
+        if self.blank_fraction > 1 or self.saturated_fail > 1 or self.colour_fail > 1:
+            raise ValueError("fractions (blank_fraction, saturated_*, colour_*) must be <= 1")
 
 
 _DEFAULT_THRESHOLDS = QCThresholds()
@@ -128,15 +145,20 @@ class _FrameStats:
     std: float
     contrast: float
     saturated: float
+    dark: float
 
 
-def _frame_stats(values: np.ndarray, level: int) -> _FrameStats:
+def _frame_stats(values: np.ndarray, peaks: np.ndarray, t: QCThresholds) -> _FrameStats:
+    """Statistics of one frame's sampled region pixels: ``values`` grey, ``peaks`` the
+    brightest channel of the same pixels."""
     p1, p99 = np.percentile(values, (1, 99))
+    size = max(values.size, 1)
     return _FrameStats(
         mean=float(values.mean()),
         std=float(values.std()),
         contrast=float(p99 - p1),
-        saturated=float(np.count_nonzero(values >= level) / max(values.size, 1)),
+        saturated=float(np.count_nonzero(peaks >= t.saturated_level) / size),
+        dark=float(np.count_nonzero(values < t.blank_level) / size),
     )
 
 
@@ -144,8 +166,10 @@ def _colour_fraction(pixels: np.ndarray, residual: float) -> float:
     """Fraction of ``(n, 3)`` pixels away from the image's own grey map.
 
     Vendors tint their grey maps (sepia, blue), with a hue that may change with
-    brightness, so the reference is the median colour of the pixels of the same
-    brightness (16 bins), not (1, 1, 1); Doppler pixels are a minority of every bin.
+    brightness, so the reference is the grey map's colour at the same brightness (16
+    bins), not (1, 1, 1): the median of the least chromatic pixels of the bin. A bin
+    whose least chromatic pixel is far more chromatic than those of the bins around it
+    holds no grey-map pixel at all (Doppler covers that brightness): all of it counts.
     """
     if pixels.size == 0:
         return 0.0
@@ -155,16 +179,22 @@ def _colour_fraction(pixels: np.ndarray, residual: float) -> float:
         return 0.0
     p = pixels.astype(np.float32)
     level = np.minimum(p.sum(axis=1) * np.float32(16 / 766), 15).astype(np.intp)
+    bins = np.unique(level)
+    lowest = {int(b): int(chroma[level == b].min()) for b in bins}
     off = np.zeros(p.shape[0], dtype=np.float32)
-    for b in np.unique(level):
+    for b in bins:
         sel = level == b
-        ref = np.median(p[sel], axis=0)
+        around = [lowest[k] for k in range(b - 2, b + 3) if k != b and k in lowest]
+        if around and lowest[int(b)] > min(around) + residual:
+            off[sel] = np.inf
+            continue
+        q = p[sel]
+        ref = np.median(q[chroma[sel] <= lowest[int(b)] + residual / 2], axis=0)
         norm = float(np.linalg.norm(ref))
         if norm < 1e-3:
-            off[sel] = np.linalg.norm(p[sel], axis=1)
+            off[sel] = np.linalg.norm(q, axis=1)
             continue
         axis = ref / norm
-        q = p[sel]
         off[sel] = np.linalg.norm(q - (q @ axis)[:, None] * axis[None, :], axis=1)
     return float(np.count_nonzero(off > residual) / p.shape[0])
 
@@ -184,6 +214,19 @@ def _annotation_pixels(
         return 0
     runs = ndimage.minimum_filter1d(thin, 7, axis=0) | ndimage.minimum_filter1d(thin, 7, axis=1)
     return int(np.count_nonzero(runs))
+
+
+def _pixel_spacing_mm(regions: Sequence[UltrasoundRegion]) -> float | None:
+    """Horizontal pixel size (mm) of the header's 2D tissue region calibrated in cm."""
+    for reg in regions:
+        if (
+            reg.spatial_format in (1, None)
+            and reg.physical_units_x == _UNITS_CM
+            and reg.physical_delta_x is not None
+            and reg.physical_delta_x > 0
+        ):
+            return float(reg.physical_delta_x) * 10.0
+    return None
 
 
 def _per_frame_check(
@@ -256,29 +299,38 @@ def assess_instance(
 
     grey = grey_frames(frames)
     region = find_scan_region(frames, inst.us_regions, grey=grey)
-    if region is None:
+    fraction = 0.0 if region is None else region.area / float(rows * cols)
+    if region is None or fraction < t.min_region_fraction:
         checks.append(
             QCCheck(
                 QCCode.NO_SCAN_REGION.value,
                 QCOutcome.FAIL,
-                "no ultrasound image region found in the frame",
-                value=0.0,
+                "no ultrasound image region found in the frame"
+                if region is None
+                else f"only a {region.width}x{region.height} px textured area found",
+                value=round(fraction, 4),
+                threshold=t.min_region_fraction,
             )
         )
         return InstanceQC(QCOutcome.FAIL, tuple(checks), (), stats=stats)
 
-    area = region.area
     stats.update(
-        region_fraction=area / float(rows * cols),
+        region_fraction=fraction,
         region_width=float(region.width),
         region_height=float(region.height),
+        region_from_header=float(region.source is not RegionSource.IMAGE),
     )
+    spacing = _pixel_spacing_mm(inst.us_regions)
+    if spacing is not None:
+        stats["pixel_spacing_mm"] = spacing
     checks.append(
         QCCheck(
             QCCode.NO_SCAN_REGION.value,
             QCOutcome.PASS,
-            f"scan region {region.width}x{region.height} px from {region.source.value}",
-            value=round(area / float(rows * cols), 4),
+            f"scan region ({region.shape.value}) {region.width}x{region.height} px at "
+            f"({region.bbox[0]}, {region.bbox[1]}) from {region.source.value}",
+            value=round(fraction, 4),
+            threshold=t.min_region_fraction,
         )
     )
     side = min(region.width, region.height)
@@ -310,9 +362,11 @@ def assess_instance(
     flat_idx = np.flatnonzero(inner)
     sample = flat_idx[:: max(1, flat_idx.size // 20000)]
     region_values = grey.reshape(n, -1)[:, sample]
-    per = [_frame_stats(region_values[i], t.saturated_level) for i in range(n)]
+    # Clipping is judged on the brightest channel: a tinted grey map's white is not grey.
+    peak_values = frames.reshape(n, -1, 3)[:, sample].max(axis=2)
+    per = [_frame_stats(region_values[i], peak_values[i], t) for i in range(n)]
 
-    blank = [s.mean < t.blank_mean and s.std < t.blank_std for s in per]
+    blank = [s.dark >= t.blank_fraction for s in per]
     sat_fail = [s.saturated > t.saturated_fail for s in per]
     sat_warn = [s.saturated > t.saturated_warn for s in per]
     con_fail = [s.contrast < t.low_contrast_fail and not b for s, b in zip(per, blank, strict=True)]
@@ -322,8 +376,8 @@ def assess_instance(
             QCCode.BLANK,
             blank,
             [False] * n,
-            min(s.mean for s in per),
-            t.blank_mean,
+            max(s.dark for s in per),
+            t.blank_fraction,
             "blank scan region (probe in air?)",
         )
     )
@@ -348,21 +402,32 @@ def assess_instance(
         )
     )
     usable = [i for i in range(n) if not (blank[i] or sat_fail[i] or con_fail[i])]
+    stats["excluded_frames"] = float(n - len(usable))
 
     rgb_sample = frames.reshape(n, -1, 3)[:, sample[:: 4 * max(1, n // 2)]].reshape(-1, 3)
     colour = _colour_fraction(rgb_sample, t.colour_residual)
+    if colour > t.colour_fail:
+        colour_outcome, colour_thr = QCOutcome.FAIL, t.colour_fail
+        colour_msg = "colour (Doppler) covers the scan region; the models read grey B-mode"
+    elif colour > t.colour_warn:
+        colour_outcome, colour_thr = QCOutcome.WARN, t.colour_warn
+        colour_msg = "colour pixels in the scan region (Doppler?); the models read grey B-mode"
+    else:
+        colour_outcome, colour_thr = QCOutcome.PASS, t.colour_warn
+        colour_msg = "grey-scale scan region"
     checks.append(
         QCCheck(
             QCCode.COLOUR_DOPPLER.value,
-            QCOutcome.WARN if colour > t.colour_warn else QCOutcome.PASS,
-            "colour pixels in the scan region (Doppler?); the models read grey B-mode"
-            if colour > t.colour_warn
-            else "grey-scale scan region",
+            colour_outcome,
+            colour_msg,
             value=round(colour, 5),
-            threshold=t.colour_warn,
+            threshold=colour_thr,
         )
     )
-    annotation = _annotation_pixels(grey[0], region, inner, t.annotation_contrast)
+    if colour_outcome is QCOutcome.FAIL:
+        usable = []
+    first = usable[0] if usable else 0
+    annotation = _annotation_pixels(grey[first], region, inner, t.annotation_contrast)
     checks.append(
         QCCheck(
             QCCode.ANNOTATION_OVER_ANATOMY.value,
@@ -376,8 +441,15 @@ def assess_instance(
     )
 
     if n > 1:
-        diffs = np.abs(np.diff(region_values, axis=0)).mean(axis=1)
-        stats.update(motion_mean=float(diffs.mean()), motion_max=float(diffs.max()))
+        # Motion between consecutive frames that passed the per-frame checks: a frame that
+        # failed (blank, clipped) is no motion of the anatomy.
+        kept = usable if len(usable) >= 2 else list(range(n))
+        diffs = np.abs(np.diff(region_values[kept], axis=0)).mean(axis=1)
+        stats.update(
+            motion_mean=float(diffs.mean()),
+            motion_min=float(diffs.min()),
+            motion_max=float(diffs.max()),
+        )
         frozen = bool(np.all(diffs < t.frozen_diff))
         checks.append(
             QCCheck(
@@ -385,7 +457,7 @@ def assess_instance(
                 QCOutcome.WARN if frozen else QCOutcome.PASS,
                 "all frames of the loop are identical (one kept)"
                 if frozen
-                else "loop frames differ",
+                else f"loop frames differ (mean change {float(diffs.mean()):.1f} grey levels)",
                 value=round(float(diffs.min()), 4),
                 threshold=t.frozen_diff,
             )
