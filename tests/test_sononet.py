@@ -9,24 +9,31 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from workers.imaging import PreparedInstance
 from workers.models.sononet import (
     ABSTAIN_LABEL,
     AUTHORS_CROP,
     INPUT_SIZE,
+    LABEL_CODES,
     SONONET_LABELS,
     SonoNet16,
+    SonoNetLabel,
+    augment,
     find_scan_region,
     import_sononet,
+    label_from_name,
     load_npz_state_dict,
     load_sononet,
     localise,
     main,
     preprocess,
+    read_examples,
     resolve_region,
 )
 
@@ -92,7 +99,7 @@ def test_labels_and_shapes_without_weights() -> None:
 
 def test_wrong_shaped_npz_refused(tmp_path: Path) -> None:
     net = SonoNet16()
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for i, (_, layer) in enumerate(net.layers_in_npz_order()):
         c = layer.conv.out_channels
         arrays[f"arr_{5 * i}"] = np.zeros(tuple(layer.conv.weight.shape), np.float32)
@@ -117,6 +124,57 @@ def test_wrong_shaped_npz_refused(tmp_path: Path) -> None:
         load_npz_state_dict(tmp_path / "junk.npz")
     assert main([str(tmp_path / "bad.npz"), "--out", str(tmp_path / "pack")]) == 1
     assert not (tmp_path / "pack").exists()
+
+
+def test_labels_from_file_names() -> None:
+    assert label_from_name("4CH") == "4CH"
+    assert label_from_name("BRAIN-TV") == "Brain (Tv.)"
+    assert label_from_name("SPINE-CORONAL") == "Spine (cor.)"
+    assert label_from_name("spine_sag") == "Spine (sag.)"
+    assert label_from_name("lvot") == "LVOT"
+    assert label_from_name("Brain") is None  # Cb. or Tv.: ambiguous
+    assert label_from_name("liver") is None
+    assert label_from_name("") is None
+
+
+def test_augment_changes_only_the_scan_region() -> None:
+    rng = np.random.default_rng(0)
+    frames = np.zeros((2, 120, 160, 3), np.uint8)
+    frames[:, 20:110, 30:150] = rng.integers(40, 200, (2, 90, 120, 1), np.uint8)
+    frames[:, 2:10, 2:60] = 255  # burned-in text of the vendor's user interface
+    out = augment(frames, np.random.default_rng(1), region=(30, 20, 150, 110))
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    outside = np.ones(frames.shape[1:3], bool)
+    outside[20:110, 30:150] = False
+    assert np.array_equal(out[:, outside], frames[:, outside])
+    changed = np.abs(out[:, 20:110, 30:150].astype(int) - frames[:, 20:110, 30:150]).mean()
+    assert 1.0 < changed < 60.0
+    again = augment(frames, np.random.default_rng(1), region=(30, 20, 150, 110))
+    assert np.array_equal(out, again)
+    with pytest.raises(ValueError, match="uint8"):
+        augment(frames.astype(np.float32), rng)
+
+
+def test_read_examples(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 80, 3), np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "KIDNEYS.png")
+    Image.fromarray(rgb).save(tmp_path / "unlabelled.tiff")
+    (tmp_path / "notes.txt").write_text("not an image")
+    examples = read_examples(tmp_path)
+    assert [(e.name, e.label) for e in examples] == [("KIDNEYS", "Kidneys"), ("unlabelled", None)]
+    assert examples[0].instance.frames.shape == (1, 64, 80, 3)
+    assert examples[0].instance.modality == "US"
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"broken\.png"):
+        read_examples(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        read_examples(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no example frame"):
+        read_examples(empty)
 
 
 def test_preprocess_contract() -> None:
@@ -189,8 +247,10 @@ def test_import_writes_verified_pack(tmp_path: Path) -> None:
     from workers.models.packs import ModelPack, sha256_file
 
     out = tmp_path / "sononet16"
-    assert main([str(NPZ), "--out", str(out)]) == 0
+    assert main([str(NPZ), "--out", str(out), "--no-ood"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ood"] is None
+    assert manifest["localisation"]["output"] == "class_maps"
     (member,) = manifest["members"]
     assert sha256_file(out / member["weights"]) == member["sha256"]
     assert manifest["architecture"]["name"] == "sononet16"
@@ -222,3 +282,119 @@ def test_pack_predicts_examples(tmp_path: Path, frames: dict[str, np.ndarray]) -
     probabilities = pack.predict(crops).probabilities["view"]
     predicted = [SONONET_LABELS[int(i)] for i in probabilities.argmax(axis=1)]
     assert predicted == list(EXPECTED.values())
+
+
+# ---------------------------------------------------------------------------------------
+# The pack in the node's analyser: OOD threshold, abstention, localisation
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ood_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pack as imported by default: energy threshold set on the examples beside the npz
+    and 9 augmented copies of each."""
+    if not NPZ.is_file() or not EXAMPLES.is_dir():
+        pytest.skip(f"SonoNet weights or example frames not found in {SONONET_DIR}")
+    out = tmp_path_factory.mktemp("packs") / "sononet16"
+    assert main([str(NPZ), "--out", str(out)]) == 0
+    return out
+
+
+def _prepared(rgb: np.ndarray, uid: str) -> PreparedInstance:
+    from workers.models.sononet import rgb_instance
+    from workers.qc import assess_instance
+
+    instance = rgb_instance(uid, rgb)
+    return PreparedInstance(instance, assess_instance(instance))
+
+
+@needs_weights
+@needs_examples
+def test_ood_threshold_is_documented_in_the_pack(ood_pack: Path) -> None:
+    from workers.models.packs import EnergyScorer, ModelPack
+
+    manifest = json.loads((ood_pack / "manifest.json").read_text())
+    ood = manifest["ood"]
+    assert ood["method"] == "energy" and ood["task"] == "view" and ood["tpr"] == 0.95
+    assert ood["fitted_on"].startswith(
+        "threshold at 95% TPR on 5 example frame(s) from example_images/ x 10 (each original "
+        "and 9 mild augmentations: gain, gamma, speckle noise, zoom crops, shifts) = 50 frames"
+    )
+    assert "Refit on site data" in ood["fitted_on"]
+    energies = manifest["metrics"]["ood_energy_in_distribution"]
+    assert energies["frames"] == 50 and energies["min"] < ood["threshold"] <= energies["max"]
+    assert manifest["metrics"]["example_frames"]["accuracy"] == 1.0
+    card = (ood_pack / "MODEL_CARD.md").read_text()
+    assert ood["fitted_on"] in card and "not a validation" in card
+    pack = ModelPack.load(ood_pack, device="cpu")
+    assert isinstance(pack.ood, EnergyScorer)
+
+
+@needs_weights
+@needs_examples
+def test_analyser_reports_and_localises_example_planes(
+    ood_pack: Path, frames: dict[str, np.ndarray]
+) -> None:
+    """QC's scan region in, class-map region out, each plane confident and in distribution
+    (the pipeline keeps QC's box but not its mask between stages: the analyser restores it)."""
+    import dataclasses
+
+    from workers.models.inference import Analyser
+    from workers.models.packs import ModelPack
+
+    pack = ModelPack.load(ood_pack, device="cpu")
+    assert pack.manifest.ood is not None
+    prepared = []
+    for i, frame in enumerate(frames.values()):
+        item = _prepared(frame, f"1.2.826.0.1.3680043.8.498.{i + 1}")
+        prepared.append(dataclasses.replace(item, qc=dataclasses.replace(item.qc, scan_mask=None)))
+    result = Analyser([pack]).analyse_study("1.2.826.0.1.3680043.8.498.0", prepared)
+    for (name, expected), item, image in zip(
+        EXPECTED.items(), prepared, result.images, strict=True
+    ):
+        assert image.view is not None and image.view.label == expected, name
+        assert image.view.code.value == LABEL_CODES[SonoNetLabel(expected)][0]
+        assert not image.view.abstained and not image.needs_review, image.review_reasons
+        assert image.ood_score is not None and image.ood_score < pack.manifest.ood.threshold
+        assert item.qc.scan_region is not None and image.region is not None
+        c0, r0, c1, r1 = image.region
+        sc0, sr0, sc1, sr1 = item.qc.scan_region
+        assert sc0 <= c0 < c1 <= sc1 and sr0 <= r0 < r1 <= sr1, name
+        assert (c1 - c0) * (r1 - r0) < 0.6 * (sc1 - sc0) * (sr1 - sr0), name
+    assert not result.needs_review
+
+
+@needs_weights
+def test_non_fetal_input_is_withheld(ood_pack: Path, tmp_path: Path) -> None:
+    """Other organs and other modalities: the view is withheld (Background or OOD)."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    from workers.models.inference import Analyser
+    from workers.models.packs import ModelPack
+    from workers.pixels import decode_dataset
+    from workers.simulator import simulate_image
+
+    pack = ModelPack.load(ood_pack, device="cpu")
+    without_ood = ModelPack.load(import_sononet(NPZ, tmp_path / "plain"), device="cpu")
+    from workers.qc import assess_instance
+
+    rng = np.random.default_rng(3)
+    prepared = []
+    for i, view in enumerate(["abdomen", "thyroid_transverse", "cardiac_4ch", "lung"]):
+        pixels = simulate_image(view, vendor="Northwind Medical", rng=rng).pixels
+        rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
+        prepared.append(_prepared(rgb, f"1.2.826.0.1.3680043.8.498.{i + 1}"))
+    ct = decode_dataset(dcmread(str(get_testdata_file("693_J2KI.dcm"))))
+    prepared.append(PreparedInstance(ct, assess_instance(ct, accept_modalities=("CT",))))
+    result = Analyser([pack]).analyse_study("1.2.826.0.1.3680043.8.498.0", prepared)
+    for image in result.images:
+        assert image.view is not None and image.view.abstained, image.view
+        assert image.needs_review
+    assert any(image.out_of_distribution for image in result.images)
+    assert result.images[-1].out_of_distribution  # the CT slice
+    # Without an OOD detector, the Background class alone still withholds the view.
+    plain = Analyser([without_ood]).analyse_study("1.2.826.0.1.3680043.8.498.0", prepared)
+    background = [img for img in plain.images if img.view and img.view.label == ABSTAIN_LABEL]
+    assert background, [img.view.label for img in plain.images if img.view]
+    for image in background:
+        assert image.view is not None and image.view.abstained
+        assert "'Background' is not reportable" in (image.view.reason or "")

@@ -3,16 +3,20 @@
 :class:`Analyser` is built once per worker process with the loaded packs. For one study it
 
 1. samples at most ``max_frames`` usable frames per image (evenly over a cine loop),
-2. crops each frame to the pack's region (``workers.qc.frame_for_model`` when available),
+2. crops each frame to the pack's region (``workers.qc.frame_for_model``: QC's scan region,
+   outside of the sector masked, as in training; :func:`model_input`),
 3. runs all frames of the study through each pack in batches of ``batch_size``,
 4. averages calibrated probabilities over the frames of each image (cine loop),
 5. decides view and finding per image with abstention (confidence floor, abstain labels,
    out-of-distribution input, failed QC) and review flags,
-6. concludes the study with the most severe confident finding.
+6. localises the view in the frame when the pack has spatial maps (``localisation`` in the
+   manifest, e.g. SonoNet's class maps; :func:`box_from_map`), else reports QC's scan region,
+7. concludes the study with the most severe confident finding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections import Counter
@@ -21,6 +25,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
 
 from dicom_sr.model import (
     AlgorithmInfo,
@@ -40,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
+Box = tuple[int, int, int, int]
+"""``(column0, row0, column1, row1)`` in frame pixels, exclusive end (as ``InstanceQC``)."""
+
 
 def _qc_frame_function() -> Callable[..., np.ndarray] | None:
     """``workers.qc.frame_for_model`` if that module provides it."""
@@ -58,18 +68,126 @@ def grey_frame(instance: DecodedInstance, index: int) -> np.ndarray:
     return frame.astype(np.float32) / 255.0
 
 
-def crop_scan_region(instance: DecodedInstance, qc: InstanceQC, index: int) -> np.ndarray:
-    """Grey float32 crop of QC's scan region (the whole frame when QC found none)."""
-    grey = grey_frame(instance, index)
+def _clipped_region(qc: InstanceQC, shape: tuple[int, ...]) -> Box | None:
+    """QC's scan region clipped to a frame of ``shape``; ``None`` when absent or tiny."""
     if qc.scan_region is None:
-        return grey
+        return None
     c0, r0, c1, r1 = qc.scan_region
-    rows, cols = grey.shape
+    rows, cols = shape[:2]
     c0, c1 = max(0, c0), min(cols, c1)
     r0, r1 = max(0, r0), min(rows, r1)
     if c1 - c0 < 8 or r1 - r0 < 8:
+        return None
+    return c0, r0, c1, r1
+
+
+def crop_scan_region(instance: DecodedInstance, qc: InstanceQC, index: int) -> np.ndarray:
+    """Grey float32 crop of QC's scan region (the whole frame when QC found none)."""
+    grey = grey_frame(instance, index)
+    box = _clipped_region(qc, grey.shape)
+    if box is None:
         return grey
+    c0, r0, c1, r1 = box
     return grey[r0:r1, c0:c1]
+
+
+def input_box(item: PreparedInstance, region: Region) -> Box:
+    """The part of the frame a pack with input ``region`` sees, in frame pixels."""
+    rows, cols = item.instance.frames.shape[1:3]
+    box = _clipped_region(item.qc, (rows, cols)) if region is Region.SCAN_REGION else None
+    return box if box is not None else (0, 0, int(cols), int(rows))
+
+
+def with_scan_mask(item: PreparedInstance) -> PreparedInstance:
+    """``item`` with QC's scan mask restored when only its bounding box was kept.
+
+    The pipeline stores QC's outcome as JSON between stages, keeping the scan region's
+    bounding box but not its mask. The models were trained on crops with the outside of the
+    sector masked (:func:`workers.qc.frame_for_model`), so the mask is found again on the
+    same decoded frames (the detection is deterministic); it is used only when it gives the
+    same bounding box as QC did.
+    """
+    qc, frames = item.qc, item.instance.frames
+    if qc.scan_region is None or qc.scan_mask is not None or qc.failed or frames.shape[0] == 0:
+        return item
+    from workers.scan_region import find_scan_region
+
+    found = find_scan_region(frames, item.instance.us_regions)
+    if found is None or tuple(found.bbox) != tuple(qc.scan_region):
+        logger.warning(
+            "scan region of %s found again as %s, QC had %s: cropping QC's box unmasked",
+            item.instance.sop_instance_uid,
+            None if found is None else found.bbox,
+            qc.scan_region,
+        )
+        return item
+    return dataclasses.replace(item, qc=dataclasses.replace(qc, scan_mask=found.mask))
+
+
+def model_input(
+    item: PreparedInstance,
+    index: int,
+    region: Region,
+    *,
+    frame_for_model: Callable[..., np.ndarray] | None = None,
+) -> np.ndarray:
+    """Grey float32 frame in ``[0, 1]`` that a pack with input ``region`` is shown.
+
+    ``scan_region``: ``frame_for_model`` (default :func:`workers.qc.frame_for_model`: QC's
+    scan region, masked outside the sector) when QC found a region and its mask, else the
+    unmasked crop of QC's box, else the whole frame. ``full_frame``: the whole frame.
+    """
+    if region is Region.FULL_FRAME:
+        return grey_frame(item.instance, index)
+    crop_fn = frame_for_model if frame_for_model is not None else _qc_frame_function()
+    if crop_fn is not None and item.qc.scan_region is not None and item.qc.scan_mask is not None:
+        try:
+            return _unit(crop_fn(item.instance, item.qc, index))
+        except (ValueError, IndexError) as exc:
+            logger.warning(
+                "frame_for_model failed on %s frame %d (%s); cropping the scan region",
+                item.instance.sop_instance_uid,
+                index,
+                exc,
+            )
+    return crop_scan_region(item.instance, item.qc, index)
+
+
+def box_from_map(heat: np.ndarray, box: Box, *, fraction: float = 0.5) -> Box:
+    """Image region where a spatial map is high, in frame pixels.
+
+    ``heat`` ``(h, w)`` covers the network input, i.e. the frame's ``box``. It is upsampled
+    bilinearly to the box, rescaled to ``[0, 1]`` between its minimum and maximum and
+    thresholded at ``fraction``; the bounding box of the largest connected component is
+    returned, shifted to frame coordinates (the whole ``box`` for a flat map).
+
+    Raises
+    ------
+    ValueError
+        If ``heat`` is not 2-D, ``box`` is empty or ``fraction`` is outside ``(0, 1)``.
+    """
+    array = np.asarray(heat, np.float32)
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ValueError(f"heat map must be (h, w), got shape {array.shape}")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    c0, r0, c1, r1 = (int(v) for v in box)
+    if c1 <= c0 or r1 <= r0:
+        raise ValueError(f"box {box} is empty")
+    up = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(array))[None, None],
+        size=(r1 - r0, c1 - c0),
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0].numpy()
+    low, high = float(up.min()), float(up.max())
+    if not high - low > 1e-12:
+        return c0, r0, c1, r1
+    mask = (up - low) / (high - low) > fraction
+    labels, count = ndimage.label(mask)
+    areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
+    rows, cols = ndimage.find_objects(labels)[int(np.argmax(areas))]
+    return c0 + cols.start, r0 + rows.start, c0 + cols.stop, r0 + rows.stop
 
 
 def _unit(frame: np.ndarray) -> np.ndarray:
@@ -147,19 +265,7 @@ class Analyser:
 
     # -- frames ----------------------------------------------------------------------------
     def _crop(self, item: PreparedInstance, index: int, region: Region) -> np.ndarray:
-        if region is Region.FULL_FRAME:
-            return grey_frame(item.instance, index)
-        if self._frame_for_model is not None and item.qc.scan_region is not None:
-            try:
-                return _unit(self._frame_for_model(item.instance, item.qc, index))
-            except (ValueError, IndexError) as exc:
-                logger.warning(
-                    "frame_for_model failed on %s frame %d (%s); cropping the scan region",
-                    item.instance.sop_instance_uid,
-                    index,
-                    exc,
-                )
-        return crop_scan_region(item.instance, item.qc, index)
+        return model_input(item, index, region, frame_for_model=self._frame_for_model)
 
     # -- decisions -------------------------------------------------------------------------
     def _decide(self, task: TaskSpec, probs: np.ndarray) -> _Decision:
@@ -229,6 +335,11 @@ class Analyser:
             usable = [] if item.qc.failed else list(item.qc.usable_frames)
             usable = [i for i in usable if 0 <= i < item.instance.frames.shape[0]]
             selected.append(sample_frames(usable, self.max_frames))
+        if any(p.input.region is Region.SCAN_REGION for p in self.packs):
+            prepared = [
+                with_scan_mask(item) if frames else item
+                for item, frames in zip(prepared, selected, strict=True)
+            ]
 
         per_pack: list[list[Prediction | None]] = []
         for pack in self.packs:
@@ -280,6 +391,7 @@ class Analyser:
 
         reasons: list[str] = []
         view: Classification | None = None
+        located: Box | None = None
         findings: list[Classification] = []
         quality: float | None = None
         ood_score: float | None = None
@@ -295,8 +407,9 @@ class Analyser:
                 if score > pack.manifest.ood.threshold:
                     ood = True
                     pack_ood_reason = (
-                        f"input out of distribution for {pack.name} (score {score:.1f} > "
-                        f"{pack.manifest.ood.threshold:.1f})"
+                        f"input out of distribution for {pack.name} "
+                        f"({pack.manifest.ood.method.value} score {score:.2f} > "
+                        f"threshold {pack.manifest.ood.threshold:.2f})"
                     )
                     reasons.append(pack_ood_reason)
             mean_probs = {k: v.mean(axis=0) for k, v in prediction.probabilities.items()}
@@ -306,6 +419,8 @@ class Analyser:
                 pack_view = self._decide(view_task, mean_probs[view_task.name])
                 if view is None:
                     view = self._classification(pack, view_task, pack_view, reason=pack_ood_reason)
+                    if not view.abstained:
+                        located = _locate(pack, view_task, view.label, prediction, item)
             for task in pack.tasks.values():
                 if task.kind is TaskKind.REGRESSION:
                     if task.role is TaskRole.QUALITY and quality is None:
@@ -339,6 +454,8 @@ class Analyser:
                 and classification.reason not in reasons
             ):
                 reasons.append(classification.reason)
+        if located is not None:
+            base["region"] = located
         return ImageResult(
             **base,  # type: ignore[arg-type]
             view=view,
@@ -447,10 +564,23 @@ def _most_severe(
     return None
 
 
+def _locate(
+    pack: ModelPack, task: TaskSpec, label: str, prediction: Prediction, item: PreparedInstance
+) -> Box | None:
+    """Region of ``label`` from the pack's spatial maps averaged over the image's frames;
+    ``None`` when the pack has none for ``task``."""
+    loc = pack.manifest.localisation
+    if loc is None or loc.task != task.name or loc.output not in prediction.maps:
+        return None
+    heat = prediction.maps[loc.output].mean(axis=0)[task.label_names.index(label)]
+    return box_from_map(heat, input_box(item, pack.input.region), fraction=loc.fraction)
+
+
 def _slice(prediction: Prediction, start: int, stop: int) -> Prediction:
     return Prediction(
         probabilities={k: v[start:stop] for k, v in prediction.probabilities.items()},
         values={k: v[start:stop] for k, v in prediction.values.items()},
         embedding=prediction.embedding[start:stop],
         ood_score=None if prediction.ood_score is None else prediction.ood_score[start:stop],
+        maps={k: v[start:stop] for k, v in prediction.maps.items()},
     )

@@ -86,6 +86,17 @@ class Region(StrEnum):
     """The whole frame."""
 
 
+class OODMethod(StrEnum):
+    """How a pack scores inputs as out of distribution (higher score = less familiar)."""
+
+    MAHALANOBIS = "mahalanobis"
+    """Mahalanobis distance of the pooled embedding to the training embeddings; needs a
+    statistics file (``mean`` and ``precision``) fitted on training data."""
+    ENERGY = "energy"
+    """Energy ``-T * logsumexp(logits / T)`` of a classification task's raw logits (Liu et
+    al., NeurIPS 2020); needs no statistics, only a threshold set on in-distribution data."""
+
+
 class NormalisationMode(StrEnum):
     """How grey values in ``[0, 1]`` are normalised before the network."""
 
@@ -240,13 +251,34 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class OODSpec:
-    """Out-of-distribution detector on the embedding."""
+    """Out-of-distribution detector: above ``threshold`` an input is out of distribution.
 
-    method: str
-    stats: str
-    sha256: str
+    ``stats``/``sha256`` name the statistics file (Mahalanobis only); ``task`` and
+    ``temperature`` select the logits and the energy temperature (energy only).
+    """
+
+    method: OODMethod
     threshold: float
     tpr: float | None = None
+    """Fraction of in-distribution frames at or below ``threshold`` when it was set."""
+    stats: str | None = None
+    sha256: str | None = None
+    task: str | None = None
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class LocalisationSpec:
+    """Spatial maps that localise a classification task's label in the input.
+
+    ``output`` is a network output of shape ``(N, K, h, w)``, one map per label of ``task``
+    over the network input; the image region of a label is where its map exceeds
+    ``fraction`` of the map's range.
+    """
+
+    task: str
+    output: str
+    fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -271,6 +303,7 @@ class Manifest:
     ood: OODSpec | None
     simulated: bool
     raw: Mapping[str, Any] = field(repr=False)
+    localisation: LocalisationSpec | None = None
 
     @classmethod
     def from_dict(cls, data: object, *, where: str = "manifest") -> Manifest:
@@ -338,20 +371,9 @@ class Manifest:
                         f"{sorted(unknown)}"
                     )
         ood_obj = root.section("ood", required=False)
-        ood = None
-        if ood_obj is not None:
-            method = ood_obj.text("method")
-            if method != "mahalanobis":
-                raise PackFormatError(
-                    f"{ood_obj.where}.method must be 'mahalanobis', got {method!r}"
-                )
-            ood = OODSpec(
-                method=method,
-                stats=_relative(ood_obj, "stats"),
-                sha256=_sha(ood_obj, "sha256"),
-                threshold=ood_obj.number("threshold", low=0.0),
-                tpr=ood_obj.number("tpr", required=False, low=0.0, high=1.0),
-            )
+        ood = _ood(ood_obj, tasks) if ood_obj is not None else None
+        loc_obj = root.section("localisation", required=False)
+        localisation = _localisation(loc_obj, tasks) if loc_obj is not None else None
         training = root.section("training_data")
         assert training is not None
         training.text("description")
@@ -374,7 +396,71 @@ class Manifest:
             ood=ood,
             simulated=simulated,
             raw=dict(data),  # type: ignore[call-overload]
+            localisation=localisation,
         )
+
+
+#: Keys of the ``ood`` block that belong to one method only.
+_OOD_ONLY: Mapping[OODMethod, tuple[str, ...]] = {
+    OODMethod.MAHALANOBIS: ("stats", "sha256"),
+    OODMethod.ENERGY: ("task", "temperature"),
+}
+
+
+def _ood(obj: _Fields, tasks: Mapping[str, TaskSpec]) -> OODSpec:
+    method: OODMethod = obj.enum("method", OODMethod)
+    for other, keys in _OOD_ONLY.items():
+        stray = [k for k in keys if other is not method and obj.data.get(k) is not None]
+        if stray:
+            raise PackFormatError(
+                f"{obj.where}.{stray[0]} applies to method '{other.value}' only, "
+                f"not '{method.value}'"
+            )
+    tpr = obj.number("tpr", required=False, low=0.0, high=1.0)
+    if method is OODMethod.MAHALANOBIS:
+        return OODSpec(
+            method=method,
+            stats=_relative(obj, "stats"),
+            sha256=_sha(obj, "sha256"),
+            threshold=obj.number("threshold", low=0.0),
+            tpr=tpr,
+        )
+    views = [t.name for t in tasks.values() if t.role is TaskRole.VIEW]
+    task_name = obj.text("task", required=not views, default=views[0] if views else None)
+    task = tasks.get(task_name)
+    if task is None or task.kind is not TaskKind.CLASSIFICATION:
+        known = [t.name for t in tasks.values() if t.kind is TaskKind.CLASSIFICATION]
+        raise PackFormatError(
+            f"{obj.where}.task must name a classification task ({', '.join(known)}), "
+            f"got {task_name!r}"
+        )
+    return OODSpec(
+        method=method,
+        # An energy is a negative log-sum-exp: any finite threshold is meaningful.
+        threshold=obj.number("threshold"),
+        tpr=tpr,
+        task=task_name,
+        temperature=obj.number("temperature", required=False, default=1.0, low=0.01, high=100),
+    )
+
+
+def _localisation(obj: _Fields, tasks: Mapping[str, TaskSpec]) -> LocalisationSpec:
+    views = [t.name for t in tasks.values() if t.role is TaskRole.VIEW]
+    task_name = obj.text("task", required=not views, default=views[0] if views else None)
+    task = tasks.get(task_name)
+    if task is None or task.kind is not TaskKind.CLASSIFICATION:
+        raise PackFormatError(
+            f"{obj.where}.task must name a classification task, got {task_name!r}"
+        )
+    output = obj.text("output")
+    if output == task.output:
+        raise PackFormatError(
+            f"{obj.where}.output {output!r} is the task's logits, not spatial maps"
+        )
+    fraction = obj.number("fraction", required=False, default=0.5, low=0.0, high=1.0)
+    if not 0.0 < fraction < 1.0:
+        raise PackFormatError(f"{obj.where}.fraction must be within (0, 1), got {fraction}")
+    return LocalisationSpec(task=task_name, output=output, fraction=fraction)
 
 
 def _relative(obj: _Fields, key: str) -> str:
@@ -564,14 +650,17 @@ class Prediction:
 
     ``probabilities[task]`` is ``(N, K)`` calibrated (temperature-scaled, ensemble-averaged)
     class probabilities in the label order of the manifest; ``values[task]`` is ``(N,)`` for
-    regression tasks; ``embedding`` is ``(N, D)`` (first member); ``ood_score`` ``(N,)``
-    Mahalanobis distances, ``None`` when the pack has no OOD detector.
+    regression tasks; ``embedding`` is ``(N, D)`` (first member); ``ood_score`` ``(N,)`` the
+    pack's out-of-distribution scores (Mahalanobis distance or energy, higher = less
+    familiar), ``None`` when the pack has no OOD detector; ``maps`` holds the spatial outputs
+    named by the manifest's ``localisation`` block (first member), e.g. class maps.
     """
 
     probabilities: Mapping[str, np.ndarray]
     values: Mapping[str, np.ndarray]
     embedding: np.ndarray
     ood_score: np.ndarray | None
+    maps: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.embedding.shape[0])
@@ -600,7 +689,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class OODScorer:
-    """Mahalanobis distance of an embedding to the training distribution."""
+    """Mahalanobis distance of an embedding to the training distribution
+    (:attr:`OODMethod.MAHALANOBIS`)."""
+
+    method = OODMethod.MAHALANOBIS
 
     def __init__(self, mean: np.ndarray, precision: np.ndarray) -> None:
         if mean.ndim != 1 or precision.shape != (mean.shape[0], mean.shape[0]):
@@ -625,6 +717,15 @@ class OODScorer:
         d = np.asarray(embeddings, np.float64) - self.mean
         return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, self.precision, d), 0.0))
 
+    def score_outputs(self, raw: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+        """Distances of the first member's ``embedding`` output, ``(N,)``."""
+        if "embedding" not in raw[0]:
+            raise PackFormatError(
+                f"Mahalanobis OOD needs an 'embedding' output (outputs: {sorted(raw[0])})"
+            )
+        embedding = raw[0]["embedding"]
+        return self.score(embedding.reshape(embedding.shape[0], -1))
+
     def save(self, path: Path) -> None:
         np.savez(
             path, mean=self.mean.astype(np.float32), precision=self.precision.astype(np.float32)
@@ -634,6 +735,87 @@ class OODScorer:
     def load(cls, path: Path) -> OODScorer:
         with np.load(path, allow_pickle=False) as data:
             return cls(data["mean"], data["precision"])
+
+
+class EnergyScorer:
+    """Energy of a classification task's raw logits (:attr:`OODMethod.ENERGY`).
+
+    ``E(x) = -T * logsumexp(logits / T)``, averaged over ensemble members: low (very negative)
+    when one class is strongly supported, higher for unfamiliar inputs (Liu et al., "Energy-based
+    Out-of-distribution Detection", NeurIPS 2020). It needs no statistics of the training
+    data, only a threshold set on in-distribution frames.
+
+    Parameters
+    ----------
+    task
+        Name of the classification task whose logits are scored.
+    output
+        Key of that task's logits in the network's output dict.
+    temperature
+        Energy temperature ``T`` (1.0 in the paper); not the calibration temperature.
+    """
+
+    method = OODMethod.ENERGY
+
+    def __init__(self, *, task: str, output: str, temperature: float = 1.0) -> None:
+        if not task or not output:
+            raise ValueError("EnergyScorer needs a task and an output name")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"energy temperature must be positive, got {temperature!r}")
+        self.task = task
+        self.output = output
+        self.temperature = float(temperature)
+
+    @classmethod
+    def for_task(cls, task: TaskSpec, *, temperature: float = 1.0) -> EnergyScorer:
+        if task.kind is not TaskKind.CLASSIFICATION:
+            raise ValueError(f"energy needs a classification task, {task.name!r} is {task.kind}")
+        return cls(task=task.name, output=task.output, temperature=temperature)
+
+    def score_logits(self, logits: np.ndarray) -> np.ndarray:
+        """Energies ``(N,)`` of ``(N, K)`` logits."""
+        z = np.asarray(logits, np.float64) / self.temperature
+        if z.ndim != 2 or z.shape[1] < 2:
+            raise ValueError(f"energy needs (N, K >= 2) logits, got shape {z.shape}")
+        top = z.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+        return -self.temperature * lse
+
+    def score_outputs(self, raw: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+        """Mean energy over ensemble members, ``(N,)``."""
+        for member in raw:
+            if self.output not in member:
+                raise PackFormatError(
+                    f"energy OOD of task {self.task!r} needs output {self.output!r} "
+                    f"(outputs: {sorted(member)})"
+                )
+        return np.mean([self.score_logits(member[self.output]) for member in raw], axis=0)
+
+
+#: The out-of-distribution scorers a pack can carry (see :class:`OODMethod`).
+OODDetector = OODScorer | EnergyScorer
+
+
+def ood_detector(spec: OODSpec, tasks: Mapping[str, TaskSpec], folder: Path | None) -> OODDetector:
+    """Build the scorer ``spec`` describes; Mahalanobis statistics are read from ``folder``.
+
+    Raises
+    ------
+    PackFormatError
+        If the statistics cannot be read or the energy task is not a classification task.
+    """
+    if spec.method is OODMethod.ENERGY:
+        assert spec.task is not None
+        try:
+            return EnergyScorer.for_task(tasks[spec.task], temperature=spec.temperature)
+        except (KeyError, ValueError) as exc:
+            raise PackFormatError(f"model pack {folder}: invalid energy OOD: {exc}") from exc
+    if folder is None or spec.stats is None:
+        raise PackFormatError("Mahalanobis OOD needs its statistics file")
+    try:
+        return OODScorer.load(folder / spec.stats)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PackFormatError(f"model pack {folder}: invalid OOD stats: {exc}") from exc
 
 
 class ModelPack:
@@ -648,13 +830,21 @@ class ModelPack:
         networks: Sequence[nn.Module],
         *,
         path: Path | None = None,
-        ood: OODScorer | None = None,
+        ood: OODDetector | None = None,
         device: str | torch.device = "auto",
         sha256: str = "0" * 64,
     ) -> None:
         if len(networks) != len(manifest.members):
             raise ValueError(
                 f"{len(networks)} networks for {len(manifest.members)} manifest members"
+            )
+        spec = manifest.ood
+        if ood is None and spec is not None and spec.method is OODMethod.ENERGY:
+            ood = ood_detector(spec, manifest.tasks, path)  # no file: built from the manifest
+        if ood is not None and spec is not None and ood.method is not spec.method:
+            raise ValueError(
+                f"OOD scorer {ood.method.value!r} does not match the manifest's "
+                f"{spec.method.value!r}"
             )
         self.manifest = manifest
         self.path = path
@@ -692,7 +882,7 @@ class ModelPack:
         except PackFormatError:
             raise
         files = [(m.weights, m.sha256) for m in manifest.members]
-        if manifest.ood is not None:
+        if manifest.ood is not None and manifest.ood.stats and manifest.ood.sha256:
             files.append((manifest.ood.stats, manifest.ood.sha256))
         for name, expected in files:
             file = folder / name
@@ -730,12 +920,11 @@ class ModelPack:
                     ) from exc
                 raise
             networks.append(net)
-        ood = None
-        if manifest.ood is not None:
-            try:
-                ood = OODScorer.load(folder / manifest.ood.stats)
-            except (OSError, ValueError, KeyError) as exc:
-                raise PackFormatError(f"model pack {folder}: invalid OOD stats: {exc}") from exc
+        ood = (
+            ood_detector(manifest.ood, manifest.tasks, folder)
+            if manifest.ood is not None
+            else None
+        )
         pack = cls(
             manifest,
             networks,
@@ -853,8 +1042,19 @@ class ModelPack:
             n = len(next(iter(probabilities.values()), np.zeros(0)))
             embedding = np.zeros((n, 0), np.float32)
         embedding = embedding.reshape(embedding.shape[0], -1)
-        ood = self.ood.score(embedding).astype(np.float32) if self.ood is not None else None
-        return Prediction(probabilities, values, embedding.astype(np.float32), ood)
+        ood = self.ood.score_outputs(raw).astype(np.float32) if self.ood is not None else None
+        maps: dict[str, np.ndarray] = {}
+        loc = self.manifest.localisation
+        if loc is not None:
+            value = raw[0].get(loc.output)
+            k = len(self.tasks[loc.task].labels)
+            if value is None or value.ndim != 4 or value.shape[1] != k:
+                raise PackFormatError(
+                    f"model pack {self.name}: localisation output {loc.output!r} must be "
+                    f"(N, {k}, h, w), got {None if value is None else value.shape}"
+                )
+            maps[loc.output] = value.astype(np.float32)
+        return Prediction(probabilities, values, embedding.astype(np.float32), ood, maps)
 
     def predict(
         self, frames: Sequence[np.ndarray] | torch.Tensor, *, batch_size: int = 32
@@ -882,15 +1082,23 @@ def write_pack(
     manifest: Mapping[str, Any],
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     *,
-    ood: OODScorer | None = None,
+    ood: OODDetector | None = None,
     extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a pack atomically: weights, OOD stats, hashes filled into ``manifest``.
 
-    ``manifest`` is a manifest dict without ``members``/``ood.sha256`` (they are computed);
-    ``ood`` (if any) uses ``manifest["ood"]`` for method and threshold. The result is
-    validated by :meth:`Manifest.from_dict` before the folder is replaced.
+    ``manifest`` is a manifest dict without ``members``/``ood.sha256`` (they are computed).
+    ``ood`` is the pack's OOD scorer: a Mahalanobis :class:`OODScorer` is saved as
+    ``ood_stats.npz``; an :class:`EnergyScorer` sets ``method``, ``task`` and
+    ``temperature``. Threshold and ``tpr`` come from ``manifest["ood"]``. Without ``ood``,
+    an energy block of ``manifest`` (which needs no file) is kept and any other dropped.
+    The result is validated by :meth:`Manifest.from_dict` before the folder is replaced.
     ``extra_files`` maps file names to text (e.g. ``MODEL_CARD.md``).
+
+    Raises
+    ------
+    PackFormatError
+        If the resulting manifest is invalid (e.g. no OOD threshold).
     """
     target = Path(folder)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -906,12 +1114,19 @@ def write_pack(
             members.append({"weights": name, "sha256": sha256_file(staging / name)})
         document["members"] = members
         document["format_version"] = FORMAT_VERSION
-        if ood is not None:
-            ood_doc = dict(document.get("ood") or {})
-            ood_doc.setdefault("method", "mahalanobis")
+        ood_doc = dict(document.get("ood") or {})
+        if isinstance(ood, OODScorer):
+            ood_doc.setdefault("method", OODMethod.MAHALANOBIS.value)
             ood_doc["stats"] = "ood_stats.npz"
             ood.save(staging / "ood_stats.npz")
             ood_doc["sha256"] = sha256_file(staging / "ood_stats.npz")
+            document["ood"] = ood_doc
+        elif isinstance(ood, EnergyScorer):
+            ood_doc.update(
+                method=OODMethod.ENERGY.value, task=ood.task, temperature=ood.temperature
+            )
+            document["ood"] = ood_doc
+        elif ood_doc.get("method") == OODMethod.ENERGY.value:
             document["ood"] = ood_doc
         else:
             document["ood"] = None
