@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,11 +16,23 @@ from workers.models.inference import Analyser
 from workers.models.packs import SIMULATED_SUFFIX, ModelPack
 
 PACK = Path(__file__).resolve().parent.parent / "deploy" / "models" / "sononode-us-sim"
-#: Allowed shortfall of accuracy on fresh images vs. the manifest's test accuracy (the fresh
-#: sample is small: about 3 binomial standard deviations).
-TOLERANCE = {"view": 0.08, "nodule": 0.15, "lung_pattern": 0.15}
 #: Seed never used to build the pack (training 20250, calibration split of it, test 20252).
 FRESH_SEED = 777
+#: Fresh studies evaluated (all vendors, round robin: 20 per vendor, 80 frames each).
+FRESH_STUDIES = 100
+
+
+def tolerance(
+    claimed: float, n_claimed: int, fresh: float, n_fresh: int, *, floor: float = 0.03
+) -> float:
+    """The stated tolerance between the manifest's figure and a fresh evaluation: 3 standard
+    errors of the difference of two binomial rates (the manifest's own test set is a sample
+    too), with the pooled rate, and at least ``floor``."""
+    n_claimed, n_fresh = max(n_claimed, 1), max(n_fresh, 1)
+    pooled = (claimed * n_claimed + fresh * n_fresh) / (n_claimed + n_fresh)
+    variance = max(pooled * (1 - pooled), 0.01) * (1 / n_claimed + 1 / n_fresh)
+    return max(floor, 3.0 * math.sqrt(variance))
+
 
 needs_simulator = pytest.mark.skipif(
     importlib.util.find_spec("workers.simulator") is None, reason="workers.simulator missing"
@@ -39,30 +53,69 @@ def test_reference_pack_loads_and_is_flagged_simulated(pack: ModelPack) -> None:
     assert pack.tasks["nodule"].operating_point is not None
     size = sum(f.stat().st_size for f in PACK.iterdir() if f.is_file())
     assert size < 8_000_000
-    card = (PACK / "MODEL_CARD.md").read_text()
-    assert "NOT FOR CLINICAL USE" in card and "simulated" in card
+    for name in ("MODEL_CARD.md", "EVALUATION.md"):
+        text = (PACK / name).read_text()
+        assert "NOT FOR CLINICAL USE" in text and "simulated" in text, name
+    training = pack.manifest.raw["training_data"]
+    assert "not for clinical use" in training["description"]
+    assert training["held_out_vendor"] not in training["vendors"]
+    assert "frame_for_model" in training["preprocessing"]
 
 
 @needs_simulator
 @pytest.mark.slow
-def test_reference_pack_reaches_its_manifest_accuracy_on_fresh_images(pack: ModelPack) -> None:
-    from workers.models.data import simulate_frameset
+def test_reference_pack_reproduces_its_manifest_metrics_on_fresh_studies(
+    pack: ModelPack,
+) -> None:
+    """Fresh simulated studies of every vendor (seed never used to build the pack) give the
+    manifest's figures within :func:`tolerance`: overall, per training vendor, and for the
+    vendor held out of training, whose drop the manifest documents."""
+    from workers.models.data import simulate_frameset, vendor_names
     from workers.models.evaluate import evaluate_pack
+    from workers.simulator import HELD_OUT_VENDOR, VENDOR_STYLES
 
     frames = simulate_frameset(
-        80, seed=FRESH_SEED, input_size=(pack.input.height, pack.input.width), progress=False
+        FRESH_STUDIES,
+        seed=FRESH_SEED,
+        input_size=(pack.input.height, pack.input.width),
+        vendors=vendor_names(VENDOR_STYLES),
+        progress=False,
     )
-    overall = evaluate_pack(pack, frames)["overall"]
-    claimed = pack.manifest.raw["metrics"]["seen_vendors"]
-    for task, tolerance in TOLERANCE.items():
-        assert overall[task]["accuracy"] >= claimed[task]["accuracy"] - tolerance, (
-            task,
-            overall[task],
-            claimed[task],
-        )
-    # Far above chance (5 views: 0.2; 3 classes: 0.33) and not constant.
-    assert overall["view"]["accuracy"] > 0.6
-    assert overall["view"]["auc_macro"] > 0.85
+    fresh = evaluate_pack(pack, frames, held_out_vendor=HELD_OUT_VENDOR)
+    claimed = pack.manifest.raw["metrics"]
+    misses = []
+
+    def check(where: str, got: dict[str, Any], want: dict[str, Any], key: str) -> None:
+        if want.get(key) is None or got.get(key) is None:
+            return
+        # An AUC varies more than a rate over the same frames: count half of them.
+        share = 2 if "auc" in key else 1
+        tol = tolerance(want[key], want["n"] // share, got[key], got["n"] // share)
+        if abs(got[key] - want[key]) > tol:
+            misses.append(
+                f"{where} {key}: fresh {got[key]:.3f}, manifest {want[key]:.3f} +-{tol:.3f}"
+            )
+
+    for task in ("view", "nodule", "lung_pattern"):
+        for key in ("accuracy", "malignant_auc", "auc_macro"):
+            check(f"overall {task}", fresh["overall"][task], claimed["overall"][task], key)
+    # Per vendor style (80 fresh frames each): the view accuracy.
+    for vendor, want in claimed["per_vendor"].items():
+        got = fresh["per_vendor"][vendor]
+        check(vendor, got["view"], want["view"], "accuracy")
+    assert not misses, misses
+    # The held-out vendor style is a documented drop, not a surprise: in the manifest its view
+    # accuracy is lower and more of its frames are flagged out of distribution than the
+    # training vendors', and fresh studies show the same.
+    held_out, seen = claimed["per_vendor"][HELD_OUT_VENDOR], claimed["seen_vendors"]
+    assert held_out["held_out"] is True
+    assert held_out["view"]["accuracy"] < seen["view"]["accuracy"]
+    assert held_out["ood_flagged_fraction"] > seen["ood_flagged_fraction"]
+    fresh_held_out = fresh["per_vendor"][HELD_OUT_VENDOR]
+    assert fresh_held_out["ood_flagged_fraction"] > fresh["seen_vendors"]["ood_flagged_fraction"]
+    # Far above chance (5 views: 0.2; benign vs malignant: AUC 0.5).
+    assert fresh["seen_vendors"]["view"]["accuracy"] > 0.9
+    assert fresh["seen_vendors"]["nodule"]["malignant_auc"] > 0.65
 
 
 @needs_simulator

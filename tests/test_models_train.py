@@ -1,14 +1,30 @@
-"""Training: the loss goes down, augmentation keeps the frame, splits are by study."""
+"""Training: the loss goes down, augmentation keeps the frame, splits are by study, and the
+training frames are pre-processed exactly as the node pre-processes frames at inference."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
+import pytest
 import torch
 
-from workers.models.data import FrameSet, split_by_study
-from workers.models.nets import MultiTaskMobileNet, count_parameters
-from workers.models.packs import InputSpec
+from workers.imaging import PreparedInstance
+from workers.models.data import (
+    FrameSet,
+    assess,
+    node_input,
+    simulate_frameset,
+    split_by_study,
+)
+from workers.models.inference import model_input
+from workers.models.nets import MultiTaskMobileNet, build_network, count_parameters
+from workers.models.packs import InputSpec, Region, preprocess
 from workers.models.train import augment, multitask_loss, train_network
+
+needs_simulator = pytest.mark.skipif(
+    importlib.util.find_spec("workers.simulator") is None, reason="workers.simulator missing"
+)
 
 SPEC = InputSpec(height=48, width=64, mean=0.3, std=0.25)
 
@@ -84,3 +100,58 @@ def test_split_is_by_study() -> None:
     assert sum(len(p) for p in parts) == len(frames)
     assert not (studies[0] & studies[1]) and not (studies[0] & studies[2])
     assert not (studies[1] & studies[2])
+
+
+def test_avgmax_pooling_keeps_the_embedding_and_widens_the_heads() -> None:
+    avg = MultiTaskMobileNet(width=0.25)
+    avgmax = MultiTaskMobileNet(width=0.25, pool="avgmax")
+    assert avgmax.heads["nodule"].in_features == 2 * avg.heads["nodule"].in_features
+    out = avgmax.eval()(torch.zeros(2, 1, 64, 80))
+    assert out["embedding"].shape == (2, avgmax.embedding_dim)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        MultiTaskMobileNet(pool="median")
+    with pytest.raises(ValueError, match="invalid parameters"):
+        build_network("multitask_mobilenet", {"pooling": "avg"})
+
+
+def _simulated_instance(view: str, seed: int) -> PreparedInstance:
+    """One simulated frame the way the node receives it: DICOM dataset, decoded, QC'd."""
+    from workers.pixels import decode_dataset
+    from workers.simulator import build_instance, new_study_context, simulate_image
+
+    rng = np.random.default_rng(seed)
+    frame = simulate_image(view, vendor="Aurora Imaging", rng=rng, size=(480, 640))
+    study = new_study_context(rng, vendor="Aurora Imaging")
+    dataset = build_instance(
+        frame, vendor="Aurora Imaging", study=study, series_instance_uid="1.2.826.0.1.3680043.9"
+    )
+    instance = decode_dataset(dataset)
+    return PreparedInstance(instance, assess(instance))
+
+
+@needs_simulator
+def test_training_frames_are_what_the_node_shows_the_network() -> None:
+    """Train/serve skew guard: ``node_input`` is the Analyser's own crop and resize."""
+    item = _simulated_instance("cardiac_4ch", seed=3)
+    assert not item.qc.failed and item.qc.scan_mask is not None
+    size = (128, 160)
+    ours = node_input(item.instance, item.qc, 0, size).float() / 255.0
+    spec = InputSpec(height=size[0], width=size[1])
+    served = preprocess([model_input(item, 0, Region.SCAN_REGION)], spec)[0, 0]
+    assert float((ours - served).abs().max()) <= 0.5 / 255 + 1e-6
+    # The crop is masked outside the sector: a bounding-box crop alone differs.
+    c0, r0, c1, r1 = item.qc.scan_region
+    grey = item.instance.frames[0, r0:r1, c0:c1].astype(np.float32).mean(axis=2) / 255.0
+    unmasked = preprocess([grey], spec)[0, 0]
+    corner = served[:8, :8]
+    assert float(corner.max()) == 0.0
+    assert float((unmasked - served).abs().max()) > 0.1
+
+
+@needs_simulator
+def test_simulated_frame_sets_follow_the_node_pipeline() -> None:
+    frames = simulate_frameset(3, seed=9, input_size=(64, 80), progress=False)
+    assert frames.images.shape[1:] == (64, 80) and frames.images.dtype == torch.uint8
+    assert len(frames) + frames.qc_excluded == 12
+    again = simulate_frameset(3, seed=9, input_size=(64, 80), progress=False)
+    assert torch.equal(frames.images, again.images)

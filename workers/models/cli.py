@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from workers.models.nets import POOLING
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,7 +32,8 @@ def _add_data_args(
     group.add_argument(
         "--labels",
         type=Path,
-        help="CSV: file or sop_instance_uid, then view, nodule, lung_pattern, quality columns",
+        help="CSV: file or sop_instance_uid, then view, nodule, lung_pattern, quality columns "
+        "(default: every labels.csv under --data, as 'sononode simulate' writes them)",
     )
     group.add_argument(
         "--simulated",
@@ -51,9 +54,10 @@ def _frames(args: argparse.Namespace, input_size: tuple[int, int], *, all_vendor
     from workers.models.data import read_labelled_folder, simulate_frameset, vendor_names
 
     if args.data is not None:
-        if args.labels is None:
-            raise SystemExit("--data needs --labels")
-        return read_labelled_folder(args.data, args.labels, input_size=input_size)
+        labels = [args.labels] if args.labels is not None else sorted(args.data.rglob("labels.csv"))
+        if not labels:
+            raise SystemExit(f"--data {args.data} has no labels.csv: give --labels CSV")
+        return read_labelled_folder(args.data, labels, input_size=input_size)
     if not args.simulated:
         raise SystemExit("give --data DIR --labels CSV, or --simulated N")
     vendors = None
@@ -85,9 +89,22 @@ def _write_json(path: Path | None, data: Any) -> None:
         path.write_text(text + "\n", encoding="utf-8")
 
 
+def _three_way_split(frames: Any, seed: int) -> list[Any]:
+    """Train / calibration / test parts (70/15/15 of the studies); refuses too few studies."""
+    from workers.models.data import split_by_study
+
+    parts = split_by_study(frames, [0.7, 0.15, 0.15], seed=seed)
+    if any(len(p) == 0 for p in parts):
+        studies = len(set(frames.study.tolist()))
+        raise SystemExit(
+            f"{studies} studies cannot be split 70/15/15 by study into non-empty train, "
+            "calibration and test parts: give at least 7 studies"
+        )
+    return parts
+
+
 # ----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from workers.models.data import split_by_study
     from workers.models.evaluate import evaluate_pack, markdown_report, model_card, to_json
     from workers.models.nets import MultiTaskMobileNet
     from workers.models.packs import ModelPack, write_pack
@@ -104,8 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
 
     spec = default_input_spec()
-    width = args.width
-    net = MultiTaskMobileNet(width=width)
+    width, pool = args.width, args.pool
+    net = MultiTaskMobileNet(width=width, pool=pool)
     if args.init_from is not None:
         source = ModelPack.load(args.init_from, device="cpu")
         if source.manifest.architecture != "multitask_mobilenet":
@@ -114,11 +131,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         spec = source.input
         width = float(source.manifest.architecture_params.get("width", 1.0))
-        net = MultiTaskMobileNet(width=width)
+        pool = str(source.manifest.architecture_params.get("pool", "avg"))
+        net = MultiTaskMobileNet(width=width, pool=pool)
         net.load_state_dict(source.networks[0].state_dict())
     torch.manual_seed(args.seed)
     data = _frames(args, (spec.height, spec.width) if args.init_from else INPUT_SIZE)
-    train_set, cal_set, test_set = split_by_study(data, [0.7, 0.15, 0.15], seed=args.seed)
+    train_set, cal_set, test_set = _three_way_split(data, args.seed)
     report = train_network(
         net,
         train_set,
@@ -131,15 +149,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     embeddings = network_outputs(net, train_set, spec=spec)["embedding"]
     cal = calibrate_members([net], cal_set, spec=spec, train_embeddings=embeddings)
-    simulated = args.data is None
+    simulated = args.data is None or args.simulated_data
     manifest = multitask_manifest(
         name=args.name,
         version=args.version,
         width=width,
+        pool=pool,
         simulated=simulated,
         training_description=(
             f"{len(train_set)} frames "
-            f"({'simulated, seed ' + str(args.seed) if simulated else args.data}); "
+            f"({'simulated, seed ' + str(args.seed) if args.data is None else args.data}"
+            f"{', simulated images' if args.data is not None and simulated else ''}); "
             f"split by study 70/15/15 train/calibration/test"
             + (f"; initialised from {args.init_from}" if args.init_from else "")
             + ("; backbone frozen" if args.freeze_backbone else "")
@@ -254,7 +274,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from workers.models.data import split_by_study
     from workers.models.evaluate import evaluate_pack, markdown_report, model_card
     from workers.models.nets import MultiTaskMobileNet
     from workers.models.packs import ModelPack, write_pack
@@ -264,7 +283,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
         multitask_manifest,
         network_outputs,
         pack_from_networks,
-        size_report,
         train_network,
     )
 
@@ -273,9 +291,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if t.manifest.architecture != "multitask_mobilenet":
             raise SystemExit("distill supports multitask_mobilenet teachers only")
     spec = teachers[0].input
+    if any((t.input.height, t.input.width) != (spec.height, spec.width) for t in teachers):
+        raise SystemExit("distill needs teachers with the same input size")
     frames = _frames(args, (spec.height, spec.width))
-    train_set, cal_set, test_set = split_by_study(frames, [0.7, 0.15, 0.15], seed=args.seed)
-    student = MultiTaskMobileNet(width=args.width)
+    train_set, cal_set, test_set = _three_way_split(frames, args.seed)
+    torch.manual_seed(args.seed)
+    student = MultiTaskMobileNet(width=args.width, pool=args.pool)
     teacher_nets = [n for t in teachers for n in t.networks]
     report = train_network(
         student,
@@ -289,14 +310,19 @@ def cmd_distill(args: argparse.Namespace) -> int:
     )
     emb = network_outputs(student, train_set, spec=spec)["embedding"]
     cal = calibrate_members([student], cal_set, spec=spec, train_embeddings=emb)
+    teacher_names = ", ".join(f"{t.name} {t.manifest.version}" for t in teachers)
     manifest = multitask_manifest(
         name=args.name,
         version=args.version,
         width=args.width,
-        simulated=any(t.manifest.simulated for t in teachers) or args.data is None,
+        pool=args.pool,
+        simulated=any(t.manifest.simulated for t in teachers)
+        or args.data is None
+        or args.simulated_data,
         training_description=(
-            f"Distilled from {', '.join(t.name + ' ' + t.manifest.version for t in teachers)} "
-            f"on {len(train_set)} frames; split by study 70/15/15."
+            f"Distilled from {teacher_names} on {len(train_set)} frames "
+            f"({'simulated, seed ' + str(args.seed) if args.data is None else args.data}); "
+            "split by study 70/15/15 train/calibration/test."
         ),
         input_size=(spec.height, spec.width),
     )
@@ -304,20 +330,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
     student_pack = pack_from_networks(manifest, [student], ood=cal.ood)
     held_out = _held_out()
     student_eval = evaluate_pack(student_pack, test_set, held_out_vendor=held_out)
-    comparison: dict[str, Any] = {
-        "student": {**size_report([student]), **_accuracies(student_eval)},
-        "teachers": [],
-        "train_seconds": round(report.seconds, 1),
-    }
-    for t in teachers:
-        ev = evaluate_pack(t, test_set, held_out_vendor=held_out)
-        comparison["teachers"].append(
-            {"name": t.name, **size_report(t.networks), **_accuracies(ev)}
-        )
+    teacher_pack = teachers[0] if len(teachers) == 1 else _ensemble_pack(teachers)
+    teacher_eval = evaluate_pack(teacher_pack, test_set, held_out_vendor=held_out)
+    comparison = distillation_report(
+        student_pack,
+        student_eval,
+        teacher_pack,
+        teacher_eval,
+        test_set,
+        teacher_name=teacher_names if len(teachers) == 1 else f"ensemble of {teacher_names}",
+    )
+    comparison["train_seconds"] = round(report.seconds, 1)
     manifest["metrics"] = {
         "test_set": f"{len(test_set)} frames of held-out studies",
         **student_eval["summary"],
-        "size": size_report([student]),
+        "size": comparison["student"]["size"],
         "distillation": comparison,
     }
     write_pack(
@@ -330,17 +357,101 @@ def cmd_distill(args: argparse.Namespace) -> int:
             "EVALUATION.md": markdown_report(student_eval),
         },
     )
+    print(distillation_markdown(comparison))
     print(json.dumps(comparison, indent=2))
     return 0
 
 
-def _accuracies(evaluation: dict[str, Any]) -> dict[str, Any]:
-    overall = evaluation["overall"]
+def _ensemble_pack(teachers: Sequence[Any]) -> Any:
+    """The teachers as one in-memory ensemble pack (each member keeps its temperatures)."""
+    from workers.models.train import pack_from_networks
+
+    manifest = json.loads(json.dumps(dict(teachers[0].manifest.raw)))
+    for name, task in manifest["tasks"].items():
+        if task.get("kind") == "classification":
+            task["calibration"] = {
+                "method": "temperature",
+                "temperature": [
+                    float(temp) for t in teachers for temp in t.tasks[name].temperatures
+                ],
+            }
+    return pack_from_networks(
+        manifest, [n for t in teachers for n in t.networks], ood=teachers[0].ood
+    )
+
+
+def distillation_report(
+    student: Any,
+    student_eval: dict[str, Any],
+    teacher: Any,
+    teacher_eval: dict[str, Any],
+    frames: Any,
+    *,
+    teacher_name: str,
+) -> dict[str, Any]:
+    """Size and test metrics of student and teacher side by side, and how often the student's
+    decision (most probable label) agrees with the teacher's on the same frames."""
+    from workers.models.train import size_report
+
+    def row(pack: Any, evaluation: dict[str, Any]) -> dict[str, Any]:
+        overall = evaluation["overall"]
+        metrics = {
+            task: {k: m[k] for k in ("accuracy", "auc_macro", "malignant_auc") if k in m}
+            for task, m in overall.items()
+            if isinstance(m, dict) and "accuracy" in m
+        }
+        size = size_report(pack.networks)
+        return {"size": size, "metrics": metrics}
+
+    student_p = student.calibrate_outputs(student_eval["_raw"]).probabilities
+    teacher_p = teacher.calibrate_outputs(teacher_eval["_raw"]).probabilities
+    agreement = {}
+    for task, labels in frames.labels.items():
+        mask = labels.numpy() >= 0
+        if task in student_p and task in teacher_p and mask.any():
+            same = student_p[task][mask].argmax(1) == teacher_p[task][mask].argmax(1)
+            agreement[task] = round(float(same.mean()), 4)
+    s_row, t_row = row(student, student_eval), row(teacher, teacher_eval)
     return {
-        f"{task}_accuracy": m.get("accuracy")
-        for task, m in overall.items()
-        if isinstance(m, dict) and "accuracy" in m
+        "test_frames": len(frames),
+        "student": {"name": student.name, **s_row},
+        "teacher": {"name": teacher_name, **t_row},
+        "size_ratio": round(s_row["size"]["parameters"] / t_row["size"]["parameters"], 4),
+        "agreement_with_teacher": agreement,
     }
+
+
+def distillation_markdown(comparison: dict[str, Any]) -> str:
+    """A Markdown table of :func:`distillation_report`."""
+    tasks = list(comparison["teacher"]["metrics"])
+    header = ["model", "parameters", "MB (float32)"] + [f"{t} acc." for t in tasks]
+    if any("malignant_auc" in comparison["teacher"]["metrics"][t] for t in tasks):
+        header.append("malignant AUC")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in ("teacher", "student"):
+        row = comparison[key]
+        cells = [
+            f"{key}: {row['name']}",
+            str(row["size"]["parameters"]),
+            f"{row['size']['float32_megabytes']:.2f}",
+        ]
+        cells += [_cell(row["metrics"][t].get("accuracy")) for t in tasks]
+        if len(header) > len(tasks) + 3:
+            cells.append(_cell(row["metrics"].get("nodule", {}).get("malignant_auc")))
+        lines.append("| " + " | ".join(cells) + " |")
+    agreement = ", ".join(f"{k} {v:.3f}" for k, v in comparison["agreement_with_teacher"].items())
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"Student/teacher size: {comparison['size_ratio']:.3f}; decisions agreeing with the "
+            f"teacher on the {comparison['test_frames']} test frames: {agreement}.",
+        ]
+    )
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.3f}"
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
@@ -351,7 +462,10 @@ def cmd_reference(args: argparse.Namespace) -> int:
         args.out,
         seed=args.seed,
         train_studies=args.train_studies,
+        calibration_studies=args.calibration_studies,
+        test_studies=args.test_studies,
         epochs=args.epochs,
+        width=args.width,
         processes=args.processes,
     )
     if args.report is not None:
@@ -422,6 +536,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from workers.models.train import (
+        REFERENCE_CALIBRATION_STUDIES,
+        REFERENCE_EPOCHS,
+        REFERENCE_SEED,
+        REFERENCE_TEST_STUDIES,
+        REFERENCE_TRAIN_STUDIES,
+        REFERENCE_WIDTH,
+    )
+
     parser = argparse.ArgumentParser(prog="sononode model", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -431,8 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="pack folder to write")
     p.add_argument("--init-from", type=Path, help="start from this pack's weights (transfer)")
     p.add_argument("--freeze-backbone", action="store_true", help="train the heads only")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    p.add_argument(
+        "--simulated-data",
+        action="store_true",
+        help="the --data images are simulated: the pack is flagged not for clinical use",
+    )
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--width", type=float, default=0.5, help="width multiplier")
+    p.add_argument("--pool", choices=POOLING, default="avgmax", help="pooling for the heads")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--name", default="sononode-us-custom")
@@ -467,8 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher pack (repeat for an ensemble)",
     )
     _add_data_args(p)
-    p.add_argument("--width", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--width", type=float, default=0.25, help="student width multiplier")
+    p.add_argument("--pool", choices=POOLING, default="avgmax", help="student pooling")
+    p.add_argument(
+        "--simulated-data",
+        action="store_true",
+        help="the --data images are simulated: the pack is flagged not for clinical use",
+    )
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--out", type=Path, required=True)
@@ -478,9 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reference", help="rebuild the simulated reference pack from scratch")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=20250)
-    p.add_argument("--train-studies", type=int, default=850)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=REFERENCE_SEED)
+    p.add_argument("--train-studies", type=int, default=REFERENCE_TRAIN_STUDIES)
+    p.add_argument("--calibration-studies", type=int, default=REFERENCE_CALIBRATION_STUDIES)
+    p.add_argument("--test-studies", type=int, default=REFERENCE_TEST_STUDIES)
+    p.add_argument("--epochs", type=int, default=REFERENCE_EPOCHS)
+    p.add_argument("--width", type=float, default=REFERENCE_WIDTH)
     p.add_argument("--processes", type=int, default=2, help="simulation processes")
     p.add_argument("--report", type=Path, help="write the evaluation JSON here")
     p.set_defaults(func=cmd_reference)

@@ -1,9 +1,14 @@
 """Labelled frame sets for training and evaluation (simulated or read from DICOM files).
 
-A :class:`FrameSet` holds grey frames already cropped to the scan region and resized to the
-network input, as ``uint8`` (compact: a few thousand frames are tens of MB), with per-task
-integer labels (``-1`` where a task does not apply), the vendor and the study each frame
-comes from. Splits are always by study, never by frame.
+A :class:`FrameSet` holds grey frames already pre-processed as the node does at inference
+(decoded, checked by QC, cropped to QC's scan region with the outside of the sector masked,
+resized to the network input: :func:`node_input`), as ``uint8`` (compact: a few thousand
+frames are tens of MB), with per-task integer labels (``-1`` where a task does not apply),
+the vendor and the study each frame comes from. Splits are always by study, never by frame.
+
+Training and serving share one pre-processing function on purpose: a crop that differs
+from the node's (a bounding box without the sector mask, another grey conversion, the
+simulator's exact region instead of QC's estimate) silently lowers accuracy in use.
 """
 
 from __future__ import annotations
@@ -14,17 +19,20 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from workers.models.nets import CLASSIFICATION_HEADS, LUNG_LABELS, NODULE_LABELS, VIEW_LABELS
+from workers.models.packs import InputSpec, preprocess
+
+if TYPE_CHECKING:
+    from workers.imaging import DecodedInstance, InstanceQC
 
 logger = logging.getLogger(__name__)
 
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 THYROID_VIEWS = ("thyroid_transverse", "thyroid_longitudinal")
 
 
@@ -41,6 +49,8 @@ class FrameSet:
     quality: torch.Tensor
     vendor: list[str]
     study: torch.Tensor
+    qc_excluded: int = 0
+    """Frames of the source left out because the node's QC would not analyse them."""
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -93,6 +103,7 @@ class FrameSet:
             quality=torch.cat([s.quality for s in sets]),
             vendor=[v for s in sets for v in s.vendor],
             study=torch.cat(studies),
+            qc_excluded=sum(s.qc_excluded for s in sets),
         )
 
 
@@ -112,28 +123,32 @@ def split_by_study(frames: FrameSet, fractions: Sequence[float], *, seed: int) -
     return parts
 
 
-def resize_grey(grey: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """Float grey ``(H, W)`` in [0, 1] -> ``(h, w)`` uint8 tensor (bilinear, antialiased)."""
-    t = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32))[None, None]
-    t = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return (t[0, 0].clamp(0, 1) * 255.0).round().to(torch.uint8)
+def node_input(
+    instance: DecodedInstance, qc: InstanceQC, index: int, size: tuple[int, int]
+) -> torch.Tensor:
+    """Frame ``index`` of a decoded instance exactly as the node shows it to a pack.
+
+    The node's own functions: :func:`workers.models.inference.model_input` (through
+    :func:`workers.qc.frame_for_model`: grey crop of QC's scan region, zero outside the
+    sector mask, in ``[0, 1]``), then the resize of :func:`workers.models.packs.preprocess`
+    (bilinear, antialiased) to ``size`` ``(height, width)``. Returned as ``(height, width)``
+    ``uint8``: the only difference from inference is this 8-bit rounding after the resize
+    (at most 0.5/255, below the pixels' own 8-bit step).
+    """
+    from workers.imaging import PreparedInstance
+    from workers.models.inference import model_input
+    from workers.models.packs import Region
+
+    crop = model_input(PreparedInstance(instance, qc), index, Region.SCAN_REGION)
+    unit = preprocess([crop], InputSpec(height=int(size[0]), width=int(size[1])))
+    return (unit[0, 0].clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
-def to_grey(pixels: np.ndarray) -> np.ndarray:
-    """uint8 grey or RGB pixels -> float32 grey in [0, 1]."""
-    array = np.asarray(pixels)
-    if array.ndim == 3:
-        array = array[..., :3].astype(np.float32) @ _LUMA
-    return array.astype(np.float32) / (255.0 if np.asarray(pixels).dtype == np.uint8 else 1.0)
+def assess(instance: DecodedInstance) -> InstanceQC:
+    """The node's quality control of a decoded instance (:func:`workers.qc.assess_instance`)."""
+    from workers.qc import assess_instance
 
-
-def crop_bbox(grey: np.ndarray, bbox: Sequence[int] | None) -> np.ndarray:
-    """Crop ``(column0, row0, column1, row1)`` (exclusive end); whole image when None."""
-    if bbox is None:
-        return grey
-    c0, r0, c1, r1 = (int(v) for v in bbox)
-    crop = grey[max(0, r0) : r1, max(0, c0) : c1]
-    return crop if min(crop.shape) >= 8 else grey
+    return assess_instance(instance)
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,9 +168,11 @@ def _label_index(labels: Sequence[str], value: object) -> int:
 
 
 #: Native frame sizes (rows, cols) drawn for simulated images, with their probabilities: the
-#: network sees several scanner resolutions before resizing.
-SIM_SIZES: tuple[tuple[int, int], ...] = ((240, 320), (360, 480), (480, 640))
-SIM_SIZE_WEIGHTS: tuple[float, ...] = (0.5, 0.3, 0.2)
+#: network sees several scanner resolutions before resizing. They are the sizes the node
+#: receives (the simulator's studies are 480x640 by default, vendors' screens 480x640 to
+#: 768x1024); smaller captures often fail QC's resolution check and are never analysed.
+SIM_SIZES: tuple[tuple[int, int], ...] = ((360, 480), (480, 640), (600, 800))
+SIM_SIZE_WEIGHTS: tuple[float, ...] = (0.35, 0.45, 0.2)
 #: Probability of each view (order of ``VIEW_LABELS``): thyroid views are drawn more often
 #: because the nodule task sees only them and is the hardest.
 SIM_VIEW_WEIGHTS: tuple[float, ...] = (0.15, 0.25, 0.25, 0.15, 0.2)
@@ -173,14 +190,26 @@ class _StudyJob:
     view_weights: tuple[float, ...]
 
 
-def _simulate_study(job: _StudyJob) -> list[tuple[np.ndarray, int, int, int, float, str]]:
-    """Frames of one simulated study: (uint8 image, view, nodule, lung, quality, vendor)."""
-    from workers.simulator import simulate_image
+_Row = tuple[np.ndarray, int, int, int, float, str]
+
+
+def _simulate_study(job: _StudyJob) -> tuple[list[_Row], int]:
+    """Frames of one simulated study as the node would see them, and the number of frames
+    QC would not let through: ``[(uint8 image, view, nodule, lung, quality, vendor)]``.
+
+    Each frame goes the node's way: a DICOM dataset (the simulator's writer, in memory),
+    :func:`workers.pixels.decode_dataset`, QC, then :func:`node_input`.
+    """
+    from workers.pixels import decode_dataset
+    from workers.simulator import build_instance, new_study_context, simulate_image
+    from workers.simulator.dicom import deterministic_uid
 
     # One generator per study: the data do not depend on the number of worker processes.
     rng = np.random.default_rng([job.seed, job.study])
-    out = []
-    for _ in range(job.images):
+    context = new_study_context(np.random.default_rng([job.seed, job.study, 1]), vendor=job.vendor)
+    out: list[_Row] = []
+    excluded = 0
+    for k in range(job.images):
         view = VIEW_LABELS[int(rng.choice(len(VIEW_LABELS), p=np.asarray(job.view_weights)))]
         nodule = NODULE_LABELS[int(rng.integers(3))] if view in THYROID_VIEWS else None
         pattern = LUNG_LABELS[int(rng.integers(3))] if view == "lung" else None
@@ -188,8 +217,20 @@ def _simulate_study(job: _StudyJob) -> list[tuple[np.ndarray, int, int, int, flo
         frame = simulate_image(
             view, vendor=job.vendor, rng=rng, size=size, nodule=nodule, lung_pattern=pattern
         )
-        grey = crop_bbox(to_grey(frame.pixels), frame.scan_bbox)
-        image = resize_grey(grey, job.input_size).numpy()
+        dataset = build_instance(
+            frame,
+            vendor=job.vendor,
+            study=context,
+            series_instance_uid=deterministic_uid(context.study_instance_uid, "series"),
+            instance_number=k + 1,
+            sop_instance_uid=deterministic_uid(context.study_instance_uid, "sop", k),
+        )
+        instance = decode_dataset(dataset)
+        qc = assess(instance)
+        if qc.failed or qc.scan_region is None:
+            excluded += 1
+            continue
+        image = node_input(instance, qc, qc.usable_frames[0], job.input_size).numpy()
         lab: Mapping[str, object] = frame.labels
         nodule_index = (
             _label_index(NODULE_LABELS, lab.get("nodule") or "none")
@@ -208,7 +249,7 @@ def _simulate_study(job: _StudyJob) -> list[tuple[np.ndarray, int, int, int, flo
                 str(lab.get("vendor", job.vendor)),
             )
         )
-    return out
+    return out, excluded
 
 
 def _init_worker() -> None:
@@ -234,9 +275,11 @@ def simulate_frameset(
     training vendors, i.e. all but ``HELD_OUT_VENDOR``) and views drawn with ``view_weights``;
     thyroid frames draw
     none/benign/malignant nodules evenly, lung frames normal/B-lines/consolidation evenly.
-    Frames are cropped to the simulator's scan bounding box, made grey and resized to
-    ``input_size`` ``(height, width)``. Study ``s`` uses generator ``(seed, s)``, so the
-    result does not depend on ``processes``.
+    Each frame is written as the simulator's DICOM dataset, decoded and checked by the node's
+    QC and pre-processed by :func:`node_input` at ``input_size`` ``(height, width)``, exactly
+    as the node would analyse it; frames QC fails are left out (counted in
+    ``FrameSet.qc_excluded``). Study ``s`` uses generator ``(seed, s)``, so the result does
+    not depend on ``processes``.
     """
     from workers.simulator import HELD_OUT_VENDOR, VENDOR_STYLES
 
@@ -260,7 +303,7 @@ def simulate_frameset(
         for s in range(n_studies)
     ]
     bar = tqdm(total=n_studies, desc="simulate", unit="study", disable=not progress, leave=False)
-    results: list[list[tuple[np.ndarray, int, int, int, float, str]]] = []
+    results: list[tuple[list[_Row], int]] = []
     if processes > 1:
         import multiprocessing
 
@@ -274,7 +317,14 @@ def simulate_frameset(
             results.append(_simulate_study(job))
             bar.update(1)
     bar.close()
-    rows = [(s, frame) for s, study in enumerate(results) for frame in study]
+    rows = [(s, frame) for s, (study, _) in enumerate(results) for frame in study]
+    excluded = sum(n for _, n in results)
+    if excluded:
+        logger.info(
+            "%d of %d simulated frames left out: QC fails them", excluded, len(rows) + excluded
+        )
+    if not rows:
+        raise ValueError("QC failed every simulated frame")
     return FrameSet(
         images=torch.from_numpy(np.stack([f[0] for _, f in rows])),
         labels={
@@ -285,6 +335,7 @@ def simulate_frameset(
         quality=torch.tensor([f[4] for _, f in rows], dtype=torch.float32),
         vendor=[f[5] for _, f in rows],
         study=torch.tensor([s for s, _ in rows], dtype=torch.int64),
+        qc_excluded=excluded,
     )
 
 
@@ -301,36 +352,53 @@ def vendor_names(styles: object) -> list[str]:
 # DICOM folder + labels CSV
 # ----------------------------------------------------------------------------------------
 def read_labelled_folder(
-    folder: Path, labels_csv: Path, *, input_size: tuple[int, int], max_frames: int = 8
+    folder: Path,
+    labels_csv: Path | Sequence[Path],
+    *,
+    input_size: tuple[int, int],
+    max_frames: int = 8,
 ) -> FrameSet:
-    """Frames of the DICOM files in ``folder`` labelled by ``labels_csv``.
+    """Frames of the DICOM files in ``folder`` labelled by ``labels_csv`` (one CSV or
+    several, e.g. the ``labels.csv`` of each study ``sononode simulate`` writes),
+    pre-processed as the node does (decoding, QC, :func:`node_input`).
 
-    The CSV has a ``file`` (relative path) or ``sop_instance_uid`` column, optional
-    ``study_instance_uid`` and ``vendor``, and one column per task (``view``, ``nodule``,
-    ``lung_pattern`` with label names, ``quality`` in [0, 1]); empty cells mean unknown.
-    The scan region is taken from the Sequence of Ultrasound Regions when present.
+    A CSV has a ``file`` (path relative to ``folder``, else to the CSV's own folder) or
+    ``sop_instance_uid`` column, optional ``study_instance_uid`` and ``vendor``, and one
+    column per task (``view``, ``nodule``, ``lung_pattern`` with label names, ``quality`` in
+    [0, 1]); empty cells mean unknown.
+    At most ``max_frames`` frames of a cine loop are used, evenly spread; frames that QC
+    would not analyse are left out (counted in ``FrameSet.qc_excluded``).
 
     Raises
     ------
     ValueError
-        On a missing column, an unknown label or an unreadable file.
+        On a missing column, an unknown label, an unreadable file or when QC fails every frame.
     """
     import pydicom
 
-    with labels_csv.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise ValueError(f"{labels_csv}: no rows")
-    columns = set(rows[0])
-    if not columns & {"file", "sop_instance_uid"}:
-        raise ValueError(f"{labels_csv}: needs a 'file' or 'sop_instance_uid' column")
-    if not columns & {*CLASSIFICATION_HEADS, "quality"}:
-        raise ValueError(
-            f"{labels_csv}: needs at least one task column "
-            f"({', '.join([*CLASSIFICATION_HEADS, 'quality'])})"
-        )
+    from workers.pixels import PixelDataError, load_instance
+
+    csv_paths = [labels_csv] if isinstance(labels_csv, Path) else list(labels_csv)
+    if not csv_paths:
+        raise ValueError("no labels CSV given")
+    # (csv path, line number, row) of every labelled file.
+    rows: list[tuple[Path, int, dict[str, str]]] = []
+    for path in csv_paths:
+        with path.open(newline="", encoding="utf-8") as handle:
+            table = list(csv.DictReader(handle))
+        if not table:
+            raise ValueError(f"{path}: no rows")
+        columns = set(table[0])
+        if not columns & {"file", "sop_instance_uid"}:
+            raise ValueError(f"{path}: needs a 'file' or 'sop_instance_uid' column")
+        if not columns & {*CLASSIFICATION_HEADS, "quality"}:
+            raise ValueError(
+                f"{path}: needs at least one task column "
+                f"({', '.join([*CLASSIFICATION_HEADS, 'quality'])})"
+            )
+        rows += [(path, line, row) for line, row in enumerate(table, start=2)]
     by_uid: dict[str, Path] = {}
-    if "file" not in columns:
+    if any(not row.get("file") for _, _, row in rows):
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 try:
@@ -341,64 +409,54 @@ def read_labelled_folder(
                 except Exception:  # any non-DICOM file is skipped
                     continue
     frames: list[torch.Tensor] = []
-    labels = {k: [] for k in CLASSIFICATION_HEADS}  # type: dict[str, list[int]]
+    labels: dict[str, list[int]] = {k: [] for k in CLASSIFICATION_HEADS}
     quality: list[float] = []
     vendors: list[str] = []
     studies: list[int] = []
     study_ids: dict[str, int] = {}
-    for line, row in enumerate(rows, start=2):
+    excluded = 0
+    for source, line, row in rows:
+        where = f"{source}:{line}"
         if row.get("file"):
             path = folder / row["file"]
+            if not path.is_file() and (source.parent / row["file"]).is_file():
+                path = source.parent / row["file"]
         else:
             uid = row.get("sop_instance_uid", "")
             if uid not in by_uid:
-                raise ValueError(f"{labels_csv}:{line}: no DICOM file with SOP Instance UID {uid}")
+                raise ValueError(f"{where}: no DICOM file with SOP Instance UID {uid}")
             path = by_uid[uid]
         try:
-            ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array
-        except Exception as exc:
-            raise ValueError(f"{labels_csv}:{line}: cannot read {path}: {exc}") from exc
-        n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        if n_frames == 1:
-            pixels = pixels[None]
-        photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-        if photometric.startswith("YBR") and pixels.ndim == 4:
-            from pydicom.pixels import convert_color_space
-
-            pixels = convert_color_space(pixels, photometric, "RGB")
-        bbox = None
-        regions = getattr(ds, "SequenceOfUltrasoundRegions", None)
-        if regions:
-            r = regions[0]
-            bbox = (
-                int(r.RegionLocationMinX0),
-                int(r.RegionLocationMinY0),
-                int(r.RegionLocationMaxX1) + 1,
-                int(r.RegionLocationMaxY1) + 1,
-            )
-        scale = 255.0 / float(pixels.max() or 1) if pixels.dtype != np.uint8 else 1.0
-        study_uid = row.get("study_instance_uid") or str(getattr(ds, "StudyInstanceUID", path))
-        for index in np.linspace(0, n_frames - 1, min(max_frames, n_frames)).round().astype(int):
-            frame = pixels[index]
-            if scale != 1.0:
-                frame = np.clip(frame * scale, 0, 255).astype(np.uint8)
-            if photometric == "MONOCHROME1":
-                frame = 255 - frame
-            frames.append(resize_grey(crop_bbox(to_grey(frame), bbox), input_size))
-            for task, names in CLASSIFICATION_HEADS.items():
-                value = (row.get(task) or "").strip()
-                if value and value not in names:
-                    raise ValueError(f"{labels_csv}:{line}: {task} {value!r} is not one of {names}")
-                labels[task].append(names.index(value) if value else -1)
-            q = (row.get("quality") or "").strip()
+            instance = load_instance(path, max_frames=max_frames)
+        except (PixelDataError, OSError) as exc:
+            raise ValueError(f"{where}: cannot read {path}: {exc}") from exc
+        task_labels: dict[str, int] = {}
+        for task, names in CLASSIFICATION_HEADS.items():
+            value = (row.get(task) or "").strip()
+            if value and value not in names:
+                raise ValueError(f"{where}: {task} {value!r} is not one of {names}")
+            task_labels[task] = names.index(value) if value else -1
+        q = (row.get("quality") or "").strip()
+        study_uid = row.get("study_instance_uid") or instance.study_instance_uid or str(path)
+        qc = assess(instance)
+        usable = [] if qc.failed or qc.scan_region is None else list(qc.usable_frames)
+        excluded += len(instance.frame_indices) - len(usable)
+        for index in usable:
+            frames.append(node_input(instance, qc, index, input_size))
+            for task, index_of_label in task_labels.items():
+                labels[task].append(index_of_label)
             quality.append(float(q) if q else float("nan"))
-            vendors.append(row.get("vendor") or str(getattr(ds, "Manufacturer", "unknown")))
+            vendors.append(row.get("vendor") or instance.manufacturer or "unknown")
             studies.append(study_ids.setdefault(study_uid, len(study_ids)))
+    if excluded:
+        logger.info("%s: %d frames left out: QC fails them", folder, excluded)
+    if not frames:
+        raise ValueError(f"{folder}: QC failed every frame of the labelled files")
     return FrameSet(
         images=torch.stack(frames),
         labels={k: torch.tensor(v, dtype=torch.int64) for k, v in labels.items()},
         quality=torch.tensor(quality, dtype=torch.float32),
         vendor=vendors,
         study=torch.tensor(studies, dtype=torch.int64),
+        qc_excluded=excluded,
     )

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.models.calibration import (
+    confusion_matrix,
     expected_calibration_error,
     multiclass_auc,
     reliability_bins,
@@ -65,6 +66,11 @@ def _task_metrics(
         "ece_uncalibrated": _round(expected_calibration_error(p_raw, y)),
         "ece": _round(expected_calibration_error(p, y)),
     }
+    decided = _decisions(pack, task, p)
+    out["confusion_matrix"] = confusion_matrix(decided, y, len(spec.label_names)).tolist()
+    out["confusion_labels"] = list(spec.label_names)
+    if spec.operating_point is not None:
+        out["accuracy_at_operating_point"] = _round(float((decided == y).mean()))
     coverage = p.max(1) >= spec.threshold
     out["coverage_at_threshold"] = _round(float(coverage.mean()))
     out["accuracy_when_confident"] = (
@@ -82,6 +88,20 @@ def _task_metrics(
             out[f"{op.label}_specificity"] = _round(float((~called)[positive == 0].mean()))
             out[f"{op.label}_threshold"] = op.threshold
     return out
+
+
+def _decisions(pack: ModelPack, task: str, probabilities: np.ndarray) -> np.ndarray:
+    """Label index the node reports per frame: the operating point's label when its
+    probability reaches the threshold, else the most probable other label (argmax when the
+    task has no operating point)."""
+    spec = pack.tasks[task]
+    op = spec.operating_point
+    if op is None:
+        return np.asarray(probabilities.argmax(1))
+    k = spec.label_names.index(op.label)
+    others = probabilities.copy()
+    others[:, k] = -1.0
+    return np.where(probabilities[:, k] >= op.threshold, k, others.argmax(1))
 
 
 def _subset_metrics(
@@ -150,6 +170,12 @@ def evaluate_pack(
             result["seen_vendors"] = _subset_metrics(
                 pack, frames.subset(index), _slice_raw(raw, index)
             )
+    result["pack"] = {
+        "name": pack.name,
+        "version": pack.manifest.version,
+        "sha256": pack.sha256 if pack.path is not None else None,
+        "simulated_training_data": pack.manifest.simulated,
+    }
     result["summary"] = summarise(result, held_out_vendor)
     result["_raw"] = raw  # for plots; dropped by to_json()
     return result
@@ -199,6 +225,12 @@ def to_json(result: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
+_SIMULATED_WARNING = (
+    "> **NOT FOR CLINICAL USE.** The pack was trained on **simulated** ultrasound images; "
+    "these figures describe simulated images only."
+)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"
@@ -207,19 +239,25 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def markdown_report(result: Mapping[str, Any]) -> str:
-    """A Markdown table per task: rows overall and per vendor."""
+def markdown_report(result: Mapping[str, Any], *, header: bool = True) -> str:
+    """A Markdown table per task: rows overall and per vendor (``header``: the title, the
+    pack's identity and, for simulated training data, the not-for-clinical-use warning)."""
     rows: list[tuple[str, Mapping[str, Any]]] = [("overall", result["overall"])]
     if "seen_vendors" in result:
         rows.append(("training vendors", result["seen_vendors"]))
     for vendor, m in result["per_vendor"].items():
         rows.append((f"{vendor}{' (held out)' if m.get('held_out') else ''}", m))
     tasks = [t for t, m in result["overall"].items() if isinstance(m, Mapping) and "accuracy" in m]
-    lines = ["# Evaluation", ""]
+    lines = ["# Evaluation", ""] if header else []
+    about = (result.get("pack") or {}) if header else {}
+    if about:
+        lines += [f"Pack {about.get('name')} {about.get('version')}.", ""]
+    if about.get("simulated_training_data"):
+        lines += [_SIMULATED_WARNING, ""]
     for task in tasks:
         extra = ["malignant_auc", "malignant_sensitivity", "malignant_specificity"]
         has_extra = any(extra[0] in (m.get(task) or {}) for _, m in rows)
-        header = [
+        columns = [
             "subset",
             "n",
             "accuracy",
@@ -230,8 +268,8 @@ def markdown_report(result: Mapping[str, Any]) -> str:
             "acc. confident",
         ]
         if has_extra:
-            header += ["malignant AUC", "sensitivity", "specificity"]
-        lines += [f"## {task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            columns += ["malignant AUC", "sensitivity", "specificity"]
+        lines += [f"## {task}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for name, m in rows:
             t = m.get(task) or {}
             cells = [
@@ -247,6 +285,21 @@ def markdown_report(result: Mapping[str, Any]) -> str:
             if has_extra:
                 cells += [t.get(k) for k in extra]
             lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        lines.append("")
+    for task in tasks:
+        t = result["overall"][task]
+        if not t.get("confusion_matrix"):
+            continue
+        names = t["confusion_labels"]
+        rule = "at the operating point" if "accuracy_at_operating_point" in t else "most probable"
+        lines += [
+            f"### {task}: confusion matrix (overall; rows truth, columns decision {rule})",
+            "",
+            "| truth \\ decision | " + " | ".join(names) + " |",
+            "|" + "---|" * (len(names) + 1),
+        ]
+        for name, counts in zip(names, t["confusion_matrix"], strict=True):
+            lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
         lines.append("")
     if "quality" in result["overall"]:
         lines += ["## quality", "", "| subset | MAE | Pearson r |", "|---|---|---|"]
@@ -285,6 +338,50 @@ def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
     ood = manifest.get("ood") or {}
     training = manifest["training_data"]
     size = manifest.get("metrics", {}).get("size", {})
+    metrics = manifest.get("metrics", {})
+    held_out = metrics.get("held_out_vendor")
+    shift: list[str] = []
+    if held_out and held_out in metrics.get("per_vendor", {}) and "seen_vendors" in metrics:
+        seen, unseen = metrics["seen_vendors"], metrics["per_vendor"][held_out]
+        for task, key in (
+            ("view", "accuracy"),
+            ("nodule", "accuracy"),
+            ("nodule", "malignant_auc"),
+            ("lung_pattern", "accuracy"),
+        ):
+            a, b = seen.get(task, {}).get(key), unseen.get(task, {}).get(key)
+            if a is not None and b is not None:
+                shift.append(f"| {task} {key} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+        a, b = seen.get("ood_flagged_fraction"), unseen.get("ood_flagged_fraction")
+        if a is not None and b is not None:
+            shift.append(f"| out-of-distribution flag rate | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+    shift_section = (
+        [
+            "## Vendor shift",
+            "",
+            f"Vendor style {held_out} was held out of training and calibration. On the fresh "
+            "test studies:",
+            "",
+            f"| metric | training vendors | {held_out} (unseen) | difference |",
+            "|---|---|---|---|",
+            *shift,
+            "",
+        ]
+        if shift
+        else []
+    )
+    recipe = []
+    if "training_seconds" in training:
+        recipe.append(
+            f"Training took {training['training_seconds']} s ({training.get('epochs')} epochs, "
+            f"{training.get('torch_threads', '?')} CPU threads), simulation "
+            f"{training.get('simulation_seconds')} s."
+        )
+    if "preprocessing" in training:
+        recipe.append(
+            f"Pre-processing of every training and test frame: {training['preprocessing']}, "
+            "i.e. exactly the node's at inference (QC's scan region, masked outside the sector)."
+        )
     return "\n".join(
         [
             f"# Model card: {manifest['name']} {manifest['version']}",
@@ -304,10 +401,21 @@ def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
             f"{manifest['architecture'].get('params', {})}, {size.get('parameters', '?')} "
             f"parameters ({size.get('float32_megabytes', '?')} MB float32).",
             "",
+            "## Intended use",
+            "",
+            (
+                "Exercising and testing the node end to end (DICOM in, SR out) and "
+                "demonstrating the model toolkit. It is not a medical device and must not "
+                "inform any clinical decision."
+                if simulated
+                else "See the training data and metrics below; validate on local data first."
+            ),
+            "",
             "## Training data",
             "",
             training["description"],
             "",
+            *([" ".join(recipe), ""] if recipe else []),
             "## Calibration and operating points",
             "",
             "Temperature scaling fitted by NLL (LBFGS) on held-out studies; ECE with 15 bins "
@@ -336,8 +444,9 @@ def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
             "",
             manifest.get("metrics", {}).get("test_set", ""),
             "",
-            markdown_report(result).replace("# Evaluation\n", "").replace("## ", "### "),
+            markdown_report(result, header=False).replace("## ", "### "),
             "",
+            *shift_section,
             "## Limitations",
             "",
             "- Simulated images only; real scanners, patients and pathologies differ."
@@ -345,6 +454,8 @@ def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
             else "- See the training data description.",
             "- One vendor is held out from training to measure vendor shift; expect lower "
             "accuracy and more abstentions on unseen vendors.",
+            "- Figures come from a few hundred frames: a fresh evaluation varies by about "
+            "3 binomial standard errors (tests/test_models_reference.py checks that much).",
             "- The node abstains (and asks for human review) below each task's confidence floor "
             "and for out-of-distribution input.",
             "",

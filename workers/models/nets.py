@@ -50,6 +50,8 @@ CLASSIFICATION_HEADS: Mapping[str, tuple[str, ...]] = {
 }
 #: Regression heads (one sigmoid output each).
 REGRESSION_HEADS: tuple[str, ...] = ("quality",)
+#: Pooling of the last feature map for the heads (see :class:`MultiTaskMobileNet`).
+POOLING: tuple[str, ...] = ("avg", "avgmax")
 
 # (output channels at width 1.0, stride) of the depthwise-separable blocks after the stem.
 _BLOCKS: tuple[tuple[int, int], ...] = (
@@ -106,6 +108,11 @@ class MultiTaskMobileNet(nn.Module):
         Size of the pooled embedding at width 1.0 (scaled by ``width``).
     dropout
         Dropout before the heads (training only).
+    pool
+        ``"avg"``: the heads read the global average of the last feature map (the
+        embedding). ``"avgmax"``: they read the average and the global maximum side by side,
+        so that a small bright or dark detail (a microcalcification, a nodule filling a
+        few cells of the map) is not averaged away; the embedding stays the average.
     """
 
     def __init__(
@@ -115,14 +122,18 @@ class MultiTaskMobileNet(nn.Module):
         in_channels: int = 1,
         embedding_dim: int = 384,
         dropout: float = 0.2,
+        pool: str = "avg",
     ) -> None:
         super().__init__()
         if not 0.1 <= width <= 4.0:
             raise ValueError(f"width multiplier must be within [0.1, 4], got {width}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        if pool not in POOLING:
+            raise ValueError(f"pool must be one of {', '.join(POOLING)}, got {pool!r}")
         self.width = float(width)
         self.in_channels = in_channels
+        self.pool_mode = pool
         c = _scaled(16, width)
         layers: list[nn.Module] = [ConvBNReLU(in_channels, c, stride=2)]
         for channels, stride in _BLOCKS:
@@ -134,12 +145,10 @@ class MultiTaskMobileNet(nn.Module):
         self.backbone = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
+        head_in = self.embedding_dim * (2 if pool == "avgmax" else 1)
         self.heads = nn.ModuleDict(
-            {
-                name: nn.Linear(self.embedding_dim, len(labels))
-                for name, labels in CLASSIFICATION_HEADS.items()
-            }
-            | {name: nn.Linear(self.embedding_dim, 1) for name in REGRESSION_HEADS}
+            {name: nn.Linear(head_in, len(labels)) for name, labels in CLASSIFICATION_HEADS.items()}
+            | {name: nn.Linear(head_in, 1) for name in REGRESSION_HEADS}
         )
         self._init_weights()
 
@@ -158,8 +167,12 @@ class MultiTaskMobileNet(nn.Module):
         """Return ``{"embedding": (N, D), "<task>": logits (N, K) or quality (N,)}``."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        features = self.pool(self.backbone(x)).flatten(1)
-        hidden = self.dropout(features)
+        feature_map = self.backbone(x)
+        features = self.pool(feature_map).flatten(1)
+        if self.pool_mode == "avgmax":
+            hidden = self.dropout(torch.cat([features, feature_map.amax(dim=(2, 3))], dim=1))
+        else:
+            hidden = self.dropout(features)
         out: dict[str, torch.Tensor] = {"embedding": features}
         for name in CLASSIFICATION_HEADS:
             out[name] = self.heads[name](hidden)
