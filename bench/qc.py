@@ -38,25 +38,8 @@ def _rgb(pixels: np.ndarray) -> np.ndarray:
 def _instance(
     frames: np.ndarray, regions: tuple[UltrasoundRegion, ...], frame_time_ms: float | None = None
 ) -> DecodedInstance:
-    if frames.ndim == 2:
-        frames = _rgb(frames)
-    if frames.ndim == 3:
-        frames = frames[None]
-    n = frames.shape[0]
-    return DecodedInstance(
-        sop_instance_uid="1.2.3.4",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.5",
-        modality="US",
-        manufacturer="bench",
-        manufacturer_model_name="bench",
-        photometric_interpretation="RGB",
-        number_of_frames=n,
-        frame_indices=tuple(range(n)),
-        frames=np.ascontiguousarray(frames),
-        us_regions=regions,
-        frame_time_ms=frame_time_ms,
+    return DecodedInstance.from_pixels(
+        frames, us_regions=regions, frame_time_ms=frame_time_ms, manufacturer="bench"
     )
 
 

@@ -35,25 +35,7 @@ def _instance(
     *,
     frame_time_ms: float | None = None,
 ) -> DecodedInstance:
-    frames = _rgb(pixels) if pixels.ndim == 2 else pixels
-    if frames.ndim == 3:
-        frames = frames[None]
-    n = frames.shape[0]
-    return DecodedInstance(
-        sop_instance_uid="1.2.3.4",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.5",
-        modality="US",
-        manufacturer="Sim",
-        manufacturer_model_name="Sim",
-        photometric_interpretation="RGB",
-        number_of_frames=n,
-        frame_indices=tuple(range(n)),
-        frames=frames,
-        us_regions=regions,
-        frame_time_ms=frame_time_ms,
-    )
+    return DecodedInstance.from_pixels(pixels, us_regions=regions, frame_time_ms=frame_time_ms)
 
 
 def _header(frame: simulator.SimFrame) -> tuple[UltrasoundRegion, ...]:

@@ -57,6 +57,40 @@ class DecodedInstance:
     us_regions: tuple[UltrasoundRegion, ...] = ()
     frame_time_ms: float | None = None
 
+    @classmethod
+    def from_pixels(
+        cls,
+        pixels: np.ndarray,
+        *,
+        us_regions: tuple[UltrasoundRegion, ...] = (),
+        frame_time_ms: float | None = None,
+        manufacturer: str = "Sim",
+    ) -> DecodedInstance:
+        """An RGB ultrasound instance built in memory (tests, benchmarks), not from a file.
+
+        ``pixels`` is a grey ``(rows, columns)`` frame, an RGB ``(rows, columns, 3)`` frame
+        or an RGB ``(frames, rows, columns, 3)`` loop; the UIDs are fixed placeholders.
+        """
+        frames = np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels
+        if frames.ndim == 3:
+            frames = frames[None]
+        n = frames.shape[0]
+        return cls(
+            sop_instance_uid="1.2.3.4",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
+            study_instance_uid="1.2.3",
+            series_instance_uid="1.2.3.5",
+            modality="US",
+            manufacturer=manufacturer,
+            manufacturer_model_name=manufacturer,
+            photometric_interpretation="RGB",
+            number_of_frames=n,
+            frame_indices=tuple(range(n)),
+            frames=np.ascontiguousarray(frames),
+            us_regions=us_regions,
+            frame_time_ms=frame_time_ms,
+        )
+
 
 @dataclass(frozen=True)
 class InstanceQC:
