@@ -207,15 +207,15 @@ def max_softmax_scores(pack: ModelPack, frames: Sequence[np.ndarray]) -> np.ndar
 def abstained(pack: ModelPack, frames: Sequence[np.ndarray]) -> float:
     """Fraction of one-frame images the node would withhold the view of with this pack."""
     from dicom_sr.model import QCOutcome
-    from workers.imaging import InstanceQC
-    from workers.models.sononet import rgb_instance
+    from workers.imaging import DecodedInstance, InstanceQC
 
     items = []
     for i, frame in enumerate(frames):
         grey = np.round(np.clip(frame, 0.0, 1.0) * 255.0).astype(np.uint8)
         rgb = np.repeat(grey[..., None], 3, axis=2)
         qc = InstanceQC(outcome=QCOutcome.PASS, checks=(), usable_frames=(0,))
-        items.append(PreparedInstance(rgb_instance(f"frame-{i}", rgb), qc))
+        instance = DecodedInstance.from_pixels(rgb, sop_instance_uid=f"frame-{i}")
+        items.append(PreparedInstance(instance, qc))
     result = Analyser([pack], max_frames=1).analyse_study("2.25.1", items)
     withheld = [img.view is None or img.view.abstained for img in result.images]
     return float(np.mean(withheld))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -77,24 +78,16 @@ def instance(
     frame_time_ms: float | None = None,
     us_regions: tuple[UltrasoundRegion, ...] = (),
 ) -> DecodedInstance:
-    if frames.ndim == 3:
-        frames = frames[None]
-    n = frames.shape[0]
-    return DecodedInstance(
-        sop_instance_uid="1.2.3.4",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
-        study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.5",
-        modality=modality,
-        manufacturer="Test",
-        manufacturer_model_name="T1",
-        photometric_interpretation="RGB",
-        number_of_frames=number_of_frames or n,
-        frame_indices=tuple(range(n)),
-        frames=frames,
+    built = DecodedInstance.from_pixels(
+        frames,
         us_regions=us_regions,
         frame_time_ms=frame_time_ms,
+        manufacturer="Test",
+        modality=modality,
     )
+    if number_of_frames is None:
+        return built
+    return dataclasses.replace(built, number_of_frames=number_of_frames)
 
 
 def check(qc: InstanceQC, code: QCCode) -> QCOutcome:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.imaging import PreparedInstance
+from workers.imaging import DecodedInstance, PreparedInstance
 from workers.models.sononet import (
     ABSTAIN_LABEL,
     AUTHORS_CROP,
@@ -299,10 +299,9 @@ def ood_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _prepared(rgb: np.ndarray, uid: str) -> PreparedInstance:
-    from workers.models.sononet import rgb_instance
     from workers.qc import assess_instance
 
-    instance = rgb_instance(uid, rgb)
+    instance = DecodedInstance.from_pixels(rgb, sop_instance_uid=uid)
     return PreparedInstance(instance, assess_instance(instance))
 
 

@@ -65,22 +65,26 @@ class DecodedInstance:
         us_regions: tuple[UltrasoundRegion, ...] = (),
         frame_time_ms: float | None = None,
         manufacturer: str = "Sim",
+        sop_instance_uid: str = "1.2.3.4",
+        modality: str = "US",
     ) -> DecodedInstance:
-        """An RGB ultrasound instance built in memory (tests, benchmarks), not from a file.
+        """An RGB ultrasound instance built in memory (an image file, tests, benchmarks).
 
         ``pixels`` is a grey ``(rows, columns)`` frame, an RGB ``(rows, columns, 3)`` frame
-        or an RGB ``(frames, rows, columns, 3)`` loop; the UIDs are fixed placeholders.
+        or an RGB ``(frames, rows, columns, 3)`` loop; study and series UIDs are fixed
+        placeholders.
         """
         frames = np.repeat(pixels[..., None], 3, axis=-1) if pixels.ndim == 2 else pixels
         if frames.ndim == 3:
             frames = frames[None]
         n = frames.shape[0]
         return cls(
-            sop_instance_uid="1.2.3.4",
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
+            sop_instance_uid=sop_instance_uid,
+            # Ultrasound Multi-frame Image Storage for a loop, Ultrasound Image Storage else.
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.3.1" if n > 1 else "1.2.840.10008.5.1.4.1.1.6.1",
             study_instance_uid="1.2.3",
             series_instance_uid="1.2.3.5",
-            modality="US",
+            modality=modality,
             manufacturer=manufacturer,
             manufacturer_model_name=manufacturer,
             photometric_interpretation="RGB",

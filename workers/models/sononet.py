@@ -545,26 +545,6 @@ class Example:
     instance: DecodedInstance
 
 
-def rgb_instance(name: str, rgb: np.ndarray) -> DecodedInstance:
-    """One ``(H, W, 3)`` ``uint8`` RGB frame as the decoded ultrasound instance ``name``."""
-    from workers.imaging import DecodedInstance
-
-    frames = np.ascontiguousarray(rgb[None])
-    return DecodedInstance(
-        sop_instance_uid=name,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.6.1",
-        study_instance_uid="",
-        series_instance_uid="",
-        modality="US",
-        manufacturer="",
-        manufacturer_model_name="",
-        photometric_interpretation="RGB",
-        number_of_frames=1,
-        frame_indices=(0,),
-        frames=frames,
-    )
-
-
 def read_examples(folder: str | Path, *, max_frames: int = 16) -> list[Example]:
     """In-distribution images of ``folder``: screen captures (TIFF, PNG, JPEG, BMP) and DICOM.
 
@@ -579,6 +559,8 @@ def read_examples(folder: str | Path, *, max_frames: int = 16) -> list[Example]:
     ValueError
         If a file cannot be read, or the folder holds no image.
     """
+    from workers import imaging
+
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"no folder of example frames at {root}")
@@ -591,7 +573,9 @@ def read_examples(folder: str | Path, *, max_frames: int = 16) -> list[Example]:
                     rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
             except OSError as exc:
                 raise ValueError(f"{path}: not a readable image: {exc}") from exc
-            instance = rgb_instance(path.stem, rgb)
+            instance = imaging.DecodedInstance.from_pixels(
+                rgb, sop_instance_uid=path.stem, manufacturer=""
+            )
         elif suffix in DICOM_SUFFIXES:
             from workers.pixels import PixelDataError, load_instance
 

@@ -20,8 +20,6 @@ from workers.models.nets import CLASSIFICATION_HEADS, MultiTaskMobileNet
 from workers.models.packs import Manifest, ModelPack, OODScorer, write_pack
 from workers.models.train import multitask_manifest
 
-US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
-
 
 def tiny_manifest(*, n_members: int = 1, width: float = 0.25) -> dict[str, Any]:
     """A valid multi-task manifest dict for a small network, with an OOD section."""
@@ -128,19 +126,7 @@ def prepared_instance(
         pixels = rng.integers(0, 256, (frames, *size, 3), dtype=np.uint8)
     else:
         pixels = np.full((frames, *size, 3), grey, dtype=np.uint8)
-    instance = DecodedInstance(
-        sop_instance_uid=uid,
-        sop_class_uid=US_MULTIFRAME,
-        study_instance_uid="1.2.826.0.1.3680043.8.498.100",
-        series_instance_uid="1.2.826.0.1.3680043.8.498.101",
-        modality="US",
-        manufacturer="Test",
-        manufacturer_model_name="T1",
-        photometric_interpretation="RGB",
-        number_of_frames=frames,
-        frame_indices=tuple(range(frames)),
-        frames=pixels,
-    )
+    instance = DecodedInstance.from_pixels(pixels, sop_instance_uid=uid, manufacturer="Test")
     usable_frames = tuple(range(frames)) if usable is None else tuple(usable)
     if outcome is QCOutcome.FAIL:
         usable_frames = ()
