@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from workers.models.calibration import (
+    cluster_bootstrap,
     confusion_matrix,
     expected_calibration_error,
     fit_temperature,
+    mean_nll,
     multiclass_auc,
     roc_auc,
     roc_curve,
@@ -87,3 +89,51 @@ def test_fit_temperature_validates_inputs() -> None:
         fit_temperature(np.zeros((4, 3)), np.array([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="logits must be"):
         fit_temperature(np.zeros(4), np.array([0, 1, 0, 1]))
+
+
+def test_mean_nll_matches_the_logit_form() -> None:
+    logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    y = np.array([0, 2])
+    expected = -(np.log(softmax(logits)[0, 0]) + np.log(softmax(logits)[1, 2])) / 2
+    assert mean_nll(softmax(logits), y) == pytest.approx(expected)
+    assert mean_nll(np.array([[1.0, 0.0]]), np.array([1])) == pytest.approx(-np.log(1e-12))
+
+
+def test_cluster_bootstrap_widens_intervals_for_correlated_frames() -> None:
+    """Ten identical frames per study carry the information of one study: resampling studies
+    gives an interval about sqrt(10) times wider than resampling frames, and it covers the
+    true rate."""
+    rng = np.random.default_rng(3)
+    studies = 60
+    per_study = rng.random(studies) < 0.5
+    correct = np.repeat(per_study, 10)
+    groups = np.repeat(np.arange(studies), 10)
+    stat = {"accuracy": lambda i: correct[i].mean()}
+    by_study = cluster_bootstrap(groups, stat, resamples=2000, seed=1)["accuracy"]
+    by_frame = cluster_bootstrap(np.arange(correct.size), stat, resamples=2000, seed=1)["accuracy"]
+    width_study, width_frame = by_study.high - by_study.low, by_frame.high - by_frame.low
+    assert 2.2 < width_study / width_frame < 4.5
+    assert by_study.low < correct.mean() < by_study.high
+    assert by_study.resamples == 2000
+    # The half-width of a 95 % interval of a rate over 60 independent studies: 1.96 * SE.
+    assert width_study / 2 == pytest.approx(1.96 * np.sqrt(0.25 / studies), rel=0.2)
+
+
+def test_cluster_bootstrap_skips_undefined_resamples_and_validates() -> None:
+    groups = np.arange(6)
+    labels = np.array([1, 0, 0, 0, 0, 0])  # most resamples lose the only positive
+    scores = np.linspace(1.0, 0.0, 6)
+    got = cluster_bootstrap(
+        groups,
+        {"auc": lambda i: roc_auc(scores[i], labels[i]), "mean": lambda i: scores[i].mean()},
+        resamples=200,
+    )
+    # The positive is missing from (5/6)^6 = 33 % of resamples: the AUC keeps the rest.
+    assert "auc" in got and 100 < got["auc"].resamples < 200
+    assert got["mean"].resamples == 200
+    never = cluster_bootstrap(groups, {"x": lambda i: float("nan")}, resamples=50)
+    assert never == {}
+    with pytest.raises(ValueError, match="level"):
+        cluster_bootstrap(groups, {}, level=1.5)
+    with pytest.raises(ValueError, match="resamples"):
+        cluster_bootstrap(groups, {}, resamples=3)

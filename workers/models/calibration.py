@@ -1,4 +1,5 @@
-"""Calibration and operating points: temperature scaling, ECE, ROC, Youden's index.
+"""Calibration and operating points: temperature scaling, ECE, ROC, Youden's index, and
+study-level bootstrap intervals.
 
 Pure numpy/torch functions over arrays of logits, probabilities, scores and labels; no
 I/O. Fit on a held-out split (never the training frames), report on another.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +39,14 @@ def negative_log_likelihood(
     z = torch.as_tensor(np.asarray(logits, np.float64))
     y = torch.as_tensor(_check_labels(labels, z.shape[0], classes=z.shape[1]))
     return float(torch.nn.functional.cross_entropy(z / temperature, y))
+
+
+def mean_nll(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean NLL of the true labels under ``(N, K)`` probabilities (clipped at 1e-12): for an
+    ensemble, the averaged calibrated probabilities have no single logit to start from."""
+    p = np.asarray(probabilities, np.float64)
+    y = _check_labels(labels, p.shape[0], classes=p.shape[1])
+    return float(-np.log(np.clip(p[np.arange(y.size), y], 1e-12, 1.0)).mean())
 
 
 def fit_temperature(
@@ -215,3 +225,65 @@ def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, classes: int) ->
     return np.bincount(y * classes + np.asarray(predicted, np.int64), minlength=classes**2).reshape(
         classes, classes
     )
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A bootstrap percentile interval and the number of resamples it rests on."""
+
+    low: float
+    high: float
+    resamples: int
+
+    def as_list(self, digits: int = 4) -> list[float]:
+        return [round(self.low, digits), round(self.high, digits)]
+
+
+def cluster_bootstrap(
+    groups: np.ndarray,
+    statistics: Mapping[str, Callable[[np.ndarray], float]],
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """Percentile intervals of ``statistics`` by resampling whole groups (studies).
+
+    Frames of one study share a patient, a probe and often a nodule, so they are not
+    independent: resampling frames would give intervals that are too narrow. Each resample
+    draws as many groups as there are, with replacement, and evaluates every statistic on the
+    frame indices of the drawn groups. A statistic that is undefined on a resample (NaN, or a
+    ``ValueError`` such as an ROC without positives) skips it; a statistic defined on fewer
+    than half the resamples gets no interval. scipy.stats.bootstrap resamples observations,
+    not clusters, hence this small function.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be within (0, 1), got {level}")
+    if resamples < 10:
+        raise ValueError(f"need at least 10 resamples, got {resamples}")
+    g = np.asarray(groups).reshape(-1)
+    if g.size == 0:
+        return {}
+    _, inverse = np.unique(g, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.r_[0, np.cumsum(np.bincount(inverse))]
+    members = [order[starts[i] : starts[i + 1]] for i in range(starts.size - 1)]
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {name: [] for name in statistics}
+    for _ in range(resamples):
+        drawn = rng.integers(0, len(members), size=len(members))
+        index = np.concatenate([members[i] for i in drawn])
+        for name, statistic in statistics.items():
+            try:
+                value = float(statistic(index))
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                values[name].append(value)
+    alpha = (1.0 - level) / 2.0
+    out: dict[str, Interval] = {}
+    for name, got in values.items():
+        if len(got) >= resamples / 2:
+            low, high = np.quantile(np.asarray(got), [alpha, 1.0 - alpha])
+            out[name] = Interval(float(low), float(high), len(got))
+    return out

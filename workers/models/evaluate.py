@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from workers.models.calibration import (
+    cluster_bootstrap,
     confusion_matrix,
     expected_calibration_error,
+    mean_nll,
     multiclass_auc,
     reliability_bins,
     roc_auc,
@@ -44,12 +46,23 @@ def _round(value: float, digits: int = 4) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), digits)
 
 
+def _rate(hits: np.ndarray) -> float:
+    return float(hits.mean()) if hits.size else float("nan")
+
+
+#: Bootstrap resamples of the study-level confidence intervals (0: none).
+BOOTSTRAP_RESAMPLES = 1000
+
+
 def _task_metrics(
     pack: ModelPack,
     task: str,
     raw: Sequence[Mapping[str, np.ndarray]],
     calibrated: np.ndarray,
     labels: np.ndarray,
+    studies: np.ndarray,
+    *,
+    resamples: int,
 ) -> dict[str, Any]:
     spec = pack.tasks[task]
     mask = labels >= 0
@@ -61,10 +74,13 @@ def _task_metrics(
     p_raw = np.mean([softmax(r[spec.output][mask]) for r in raw], axis=0)
     out: dict[str, Any] = {
         "n": n,
+        "studies": int(np.unique(studies[mask]).size),
         "accuracy": _round(float((p.argmax(1) == y).mean())),
         "auc_macro": _round(multiclass_auc(p, y)),
         "ece_uncalibrated": _round(expected_calibration_error(p_raw, y)),
         "ece": _round(expected_calibration_error(p, y)),
+        "nll_uncalibrated": _round(mean_nll(p_raw, y)),
+        "nll": _round(mean_nll(p, y)),
     }
     decided = _decisions(pack, task, p)
     out["confusion_matrix"] = confusion_matrix(decided, y, len(spec.label_names)).tolist()
@@ -76,6 +92,18 @@ def _task_metrics(
     out["accuracy_when_confident"] = (
         _round(float((p.argmax(1) == y)[coverage].mean())) if coverage.any() else None
     )
+    correct = p.argmax(1) == y
+    statistics: dict[str, Any] = {
+        "accuracy": lambda i: correct[i].mean(),
+        # No interval of ECE itself: resampling inflates a binned ECE (duplicated studies
+        # fill bins unevenly), so its percentile interval can exclude the estimate. The
+        # paired change by calibration is what the interval is needed for, and its bias
+        # largely cancels.
+        "ece_change": lambda i: (
+            expected_calibration_error(p[i], y[i]) - expected_calibration_error(p_raw[i], y[i])
+        ),
+        "nll_change": lambda i: mean_nll(p[i], y[i]) - mean_nll(p_raw[i], y[i]),
+    }
     op = spec.operating_point
     if op is not None:
         k = spec.label_names.index(op.label)
@@ -87,6 +115,12 @@ def _task_metrics(
             out[f"{op.label}_sensitivity"] = _round(float(called[positive == 1].mean()))
             out[f"{op.label}_specificity"] = _round(float((~called)[positive == 0].mean()))
             out[f"{op.label}_threshold"] = op.threshold
+            statistics[f"{op.label}_auc"] = lambda i: roc_auc(score[i], positive[i])
+            statistics[f"{op.label}_sensitivity"] = lambda i: _rate(called[i][positive[i] == 1])
+            statistics[f"{op.label}_specificity"] = lambda i: _rate(~called[i][positive[i] == 0])
+    if resamples:
+        intervals = cluster_bootstrap(studies[mask], statistics, resamples=resamples)
+        out["ci95"] = {name: interval.as_list() for name, interval in intervals.items()}
     return out
 
 
@@ -105,7 +139,11 @@ def _decisions(pack: ModelPack, task: str, probabilities: np.ndarray) -> np.ndar
 
 
 def _subset_metrics(
-    pack: ModelPack, frames: FrameSet, raw: Sequence[Mapping[str, np.ndarray]]
+    pack: ModelPack,
+    frames: FrameSet,
+    raw: Sequence[Mapping[str, np.ndarray]],
+    *,
+    resamples: int,
 ) -> dict[str, Any]:
     prediction = pack.calibrate_outputs(raw)
     metrics: dict[str, Any] = {"frames": len(frames)}
@@ -114,7 +152,13 @@ def _subset_metrics(
             if name not in frames.labels:
                 continue
             metrics[name] = _task_metrics(
-                pack, name, raw, prediction.probabilities[name], frames.labels[name].numpy()
+                pack,
+                name,
+                raw,
+                prediction.probabilities[name],
+                frames.labels[name].numpy(),
+                frames.study.numpy(),
+                resamples=resamples,
             )
         elif name == "quality":
             q = frames.quality.numpy()
@@ -148,27 +192,35 @@ def evaluate_pack(
     *,
     held_out_vendor: str | None = None,
     batch_size: int = 128,
+    resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> dict[str, Any]:
     """Metrics of ``pack`` on ``frames`` overall and per vendor.
 
     Per classification task: accuracy, macro one-vs-rest AUC, ECE (15 bins) of the raw and of
     the temperature-scaled probabilities, coverage and accuracy above the confidence floor;
-    for a task with an operating point, AUC, sensitivity and specificity of its positive label.
-    ``summary`` gathers headline figures for the manifest.
+    for a task with an operating point, AUC, sensitivity and specificity of its positive label;
+    the mean NLL of raw and calibrated probabilities (what temperature scaling minimises); and
+    95 % intervals (``ci95``) from ``resamples`` study-level bootstrap resamples, including the
+    change of ECE and NLL by calibration. ``summary`` gathers headline figures for the manifest.
     """
     raw = pack.raw_outputs(pack_inputs(pack, frames), batch_size=batch_size)
-    result: dict[str, Any] = {"overall": _subset_metrics(pack, frames, raw), "per_vendor": {}}
+    result: dict[str, Any] = {
+        "overall": _subset_metrics(pack, frames, raw, resamples=resamples),
+        "per_vendor": {},
+    }
     vendors = np.array(frames.vendor)
     for vendor in frames.vendors():
         index = np.nonzero(vendors == vendor)[0]
-        metrics = _subset_metrics(pack, frames.subset(index), _slice_raw(raw, index))
+        metrics = _subset_metrics(
+            pack, frames.subset(index), _slice_raw(raw, index), resamples=resamples
+        )
         metrics["held_out"] = vendor == held_out_vendor
         result["per_vendor"][vendor] = metrics
     if held_out_vendor is not None:
         index = np.nonzero(vendors != held_out_vendor)[0]
         if index.size:
             result["seen_vendors"] = _subset_metrics(
-                pack, frames.subset(index), _slice_raw(raw, index)
+                pack, frames.subset(index), _slice_raw(raw, index), resamples=resamples
             )
     result["pack"] = {
         "name": pack.name,
@@ -199,6 +251,9 @@ def summarise(result: Mapping[str, Any], held_out_vendor: str | None) -> dict[st
                         "malignant_auc",
                         "malignant_sensitivity",
                         "malignant_specificity",
+                        "nll_uncalibrated",
+                        "nll",
+                        "ci95",
                     )
                     if k in m
                 }
@@ -239,6 +294,32 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _with_ci(metrics: Mapping[str, Any], key: str) -> str:
+    """``value (low-high)`` with the study-level 95 % interval when there is one."""
+    value = metrics.get(key)
+    interval = (metrics.get("ci95") or {}).get(key)
+    if value is None or interval is None:
+        return _fmt(value)
+    return f"{_fmt(value)} ({interval[0]:.3f}-{interval[1]:.3f})"
+
+
+def _change(metrics: Mapping[str, Any], key: str) -> str:
+    """Calibrated minus raw ``key`` (``ece``: ``ece - ece_uncalibrated``) with its interval."""
+    after, before = metrics.get(key), metrics.get(f"{key}_uncalibrated")
+    if after is None or before is None:
+        return "–"
+    interval = (metrics.get("ci95") or {}).get(f"{key}_change")
+    text = f"{after - before:+.3f}"
+    return f"{text} ({interval[0]:+.3f} to {interval[1]:+.3f})" if interval else text
+
+
+_INTERVALS_NOTE = (
+    "Brackets: 95 % intervals from resampling whole studies (frames of one study are not "
+    "independent). ECE change and NLL: calibrated minus raw; an interval that contains 0 "
+    "means the test set cannot tell whether temperature scaling helped."
+)
+
+
 def markdown_report(result: Mapping[str, Any], *, header: bool = True) -> str:
     """A Markdown table per task: rows overall and per vendor (``header``: the title, the
     pack's identity and, for simulated training data, the not-for-clinical-use warning)."""
@@ -254,16 +335,20 @@ def markdown_report(result: Mapping[str, Any], *, header: bool = True) -> str:
         lines += [f"Pack {about.get('name')} {about.get('version')}.", ""]
     if about.get("simulated_training_data"):
         lines += [_SIMULATED_WARNING, ""]
+    if any("ci95" in (m or {}) for m in result["overall"].values() if isinstance(m, Mapping)):
+        lines += [_INTERVALS_NOTE, ""]
     for task in tasks:
         extra = ["malignant_auc", "malignant_sensitivity", "malignant_specificity"]
         has_extra = any(extra[0] in (m.get(task) or {}) for _, m in rows)
         columns = [
             "subset",
-            "n",
+            "frames (studies)",
             "accuracy",
             "AUC (macro)",
             "ECE raw",
             "ECE calibrated",
+            "ECE change",
+            "NLL raw / calibrated",
             "coverage",
             "acc. confident",
         ]
@@ -274,16 +359,18 @@ def markdown_report(result: Mapping[str, Any], *, header: bool = True) -> str:
             t = m.get(task) or {}
             cells = [
                 name,
-                t.get("n"),
-                t.get("accuracy"),
+                f"{t.get('n')} ({t['studies']})" if "studies" in t else t.get("n"),
+                _with_ci(t, "accuracy"),
                 t.get("auc_macro"),
                 t.get("ece_uncalibrated"),
                 t.get("ece"),
+                _change(t, "ece"),
+                f"{_fmt(t.get('nll_uncalibrated'))} / {_fmt(t.get('nll'))}",
                 t.get("coverage_at_threshold"),
                 t.get("accuracy_when_confident"),
             ]
             if has_extra:
-                cells += [t.get(k) for k in extra]
+                cells += [_with_ci(t, k) for k in extra]
             lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
         lines.append("")
     for task in tasks:
@@ -315,6 +402,26 @@ def markdown_report(result: Mapping[str, Any], *, header: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _operating_point_text(op: Mapping[str, Any], result: Mapping[str, Any]) -> str:
+    """The operating point where it was chosen and, with intervals, on the test studies."""
+    if not op:
+        return "No operating point set."
+    text = (
+        f"Malignant nodule operating point ({op.get('method')}): p(malignant) >= "
+        f"{op.get('threshold')} (sensitivity {op.get('sensitivity')}, specificity "
+        f"{op.get('specificity')} on the calibration split where it was chosen"
+    )
+    test = result.get("overall", {}).get("nodule", {})
+    if "malignant_sensitivity" not in test:
+        return text + ")."
+    return (
+        text + f"; on the fresh test studies sensitivity {_with_ci(test, 'malignant_sensitivity')}"
+        f", specificity {_with_ci(test, 'malignant_specificity')}). A threshold chosen to "
+        "maximise Youden's index on one sample is optimistic on that sample; the test "
+        "figures are the ones to expect."
+    )
+
+
 def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
     """``MODEL_CARD.md`` of a pack: identity, intended use, data, calibration, metrics."""
     simulated = bool(manifest["training_data"].get("simulated"))
@@ -331,8 +438,10 @@ def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
         c = task.get("calibration") or {}
         if c:
             calib_rows.append(
-                f"| {name} | {c.get('temperature')} | {_fmt(c.get('ece_before'))} | "
-                f"{_fmt(c.get('ece_after'))} | {task.get('threshold')} |"
+                f"| {name} | {_fmt(c.get('frames'))} | {c.get('temperature')} | "
+                f"{_fmt(c.get('ece_before'))} | {_fmt(c.get('ece_after'))} | "
+                f"{_fmt(c.get('nll_before'))} | {_fmt(c.get('nll_after'))} | "
+                f"{task.get('threshold')} |"
             )
     op = tasks.get("nodule", {}).get("operating_point") or {}
     ood = manifest.get("ood") or {}
@@ -418,20 +527,16 @@ def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
             *([" ".join(recipe), ""] if recipe else []),
             "## Calibration and operating points",
             "",
-            "Temperature scaling fitted by NLL (LBFGS) on held-out studies; ECE with 15 bins "
-            "on that calibration split.",
+            "Temperature scaling fitted by NLL (LBFGS) on held-out studies; ECE (15 bins) and "
+            "mean NLL on that calibration split. Whether it also helps on new studies is in "
+            "the test tables below (ECE change and NLL, with intervals).",
             "",
-            "| task | temperature | ECE before | ECE after | confidence floor |",
-            "|---|---|---|---|---|",
+            "| task | frames | temperature | ECE before | ECE after | NLL before | NLL after "
+            "| confidence floor |",
+            "|---|---|---|---|---|---|---|---|",
             *calib_rows,
             "",
-            (
-                f"Malignant nodule operating point ({op.get('method')}): p(malignant) >= "
-                f"{op.get('threshold')} (sensitivity {op.get('sensitivity')}, specificity "
-                f"{op.get('specificity')} on the calibration split)."
-                if op
-                else "No operating point set."
-            ),
+            _operating_point_text(op, result),
             "",
             (
                 f"Out of distribution: Mahalanobis distance > {ood.get('threshold')} "
@@ -454,8 +559,9 @@ def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
             else "- See the training data description.",
             "- One vendor is held out from training to measure vendor shift; expect lower "
             "accuracy and more abstentions on unseen vendors.",
-            "- Figures come from a few hundred frames: a fresh evaluation varies by about "
-            "3 binomial standard errors (tests/test_models_reference.py checks that much).",
+            "- Every figure is an estimate from a finite test set: the intervals (95 %, whole "
+            "studies resampled) say how far a fresh evaluation may land "
+            "(tests/test_models_reference.py checks fresh studies against them).",
             "- The node abstains (and asks for human review) below each task's confidence floor "
             "and for out-of-distribution input.",
             "",
