@@ -187,7 +187,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(
         f"trained {report.frames_seen} frames in {report.seconds:.0f} s, losses "
         f"{[round(x, 3) for x in report.epoch_loss]}; ECE before {cal.ece_before} after "
-        f"{cal.ece_after}; pack written to {args.out}"
+        f"{cal.ece_after}; NLL before {cal.nll_before} after {cal.nll_after}; "
+        f"pack written to {args.out}"
     )
     _write_json(None, to_json(evaluation)["summary"]["overall"])
     return 0
@@ -238,6 +239,9 @@ def cmd_calibrate(args: argparse.Namespace, *, target_sensitivity: float | None 
             {
                 "ece_before": result.ece_before,
                 "ece_after": result.ece_after,
+                "nll_before": result.nll_before,
+                "nll_after": result.nll_after,
+                "frames": result.frames,
                 "temperatures": result.temperatures,
                 "operating_point": result.operating_point,
                 "ood_threshold": result.ood_threshold,
