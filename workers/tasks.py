@@ -6,6 +6,7 @@ out one ``export`` task per destination. Payloads are job and export ids only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -63,10 +64,19 @@ def _init_process(**_: Any) -> None:
 class JobTask(Task):
     """A job stage: a permanent failure marks the job failed (visible in the API).
 
-    A worker process lost mid-task (killed, out of memory, a crashing native decoder)
-    does not fail the job: the message is not requeued (that would loop on a poison
-    study), and the reconciler re-dispatches the job, at most ``MAX_JOB_ATTEMPTS`` times.
+    A job that no longer exists or has failed meanwhile (``pipeline.JobGone``) ends the
+    stage quietly. A worker process lost mid-task (killed, out of memory, a crashing
+    native decoder) does not fail the job: the message is not requeued (that would loop
+    on a poison study), and the reconciler re-dispatches the job, at most
+    ``MAX_JOB_ATTEMPTS`` times.
     """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except pipeline.JobGone as exc:
+            logger.info("%s: %s", self.name, exc)
+            return None
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
@@ -82,46 +92,35 @@ class JobTask(Task):
 
 _settings = get_settings()
 
+#: Options shared by the job stages: transient errors (broker, database) are retried with
+#: exponential backoff by Celery before the job is marked failed.
+job_stage = functools.partial(app.task, base=JobTask, autoretry_for=TRANSIENT_JOB_ERRORS,
+                              max_retries=5, retry_backoff=2, retry_jitter=True)
 
-@app.task(name="sononode.qc", base=JobTask, autoretry_for=TRANSIENT_JOB_ERRORS,
-          max_retries=5, retry_backoff=2, retry_jitter=True)
+
+@job_stage(name="sononode.qc")
 def qc(job_id: int) -> None:
     """Quality control of every image of the study (CPU queue)."""
-    try:
-        pipeline.run_qc(context(), job_id)
-    except pipeline.JobGone as exc:
-        logger.info("qc: %s", exc)
+    pipeline.run_qc(context(), job_id)
 
 
-@app.task(name="sononode.infer", base=JobTask, autoretry_for=TRANSIENT_JOB_ERRORS,
-          max_retries=5, retry_backoff=2, retry_jitter=True)
+@job_stage(name="sononode.infer")
 def infer(job_id: int) -> None:
     """Model inference on the usable frames (GPU queue; CPU when no GPU)."""
-    try:
-        pipeline.run_inference(context(), job_id)
-    except pipeline.JobGone as exc:
-        logger.info("infer: %s", exc)
+    pipeline.run_inference(context(), job_id)
 
 
-@app.task(name="sononode.report", base=JobTask, autoretry_for=TRANSIENT_JOB_ERRORS,
-          max_retries=5, retry_backoff=2, retry_jitter=True)
+@job_stage(name="sononode.report")
 def report(job_id: int) -> None:
     """Build and store the SR, create the exports (CPU queue)."""
-    try:
-        pipeline.run_report(context(), job_id)
-    except pipeline.JobGone as exc:
-        logger.info("report: %s", exc)
+    pipeline.run_report(context(), job_id)
 
 
-@app.task(name="sononode.export_all", base=JobTask, autoretry_for=TRANSIENT_JOB_ERRORS,
-          max_retries=5, retry_backoff=2, retry_jitter=True)
+@job_stage(name="sononode.export_all")
 def export_all(job_id: int) -> None:
     """Dispatch one export task per destination still to be served."""
-    try:
-        for export_id in pipeline.pending_exports(context(), job_id):
-            export.delay(export_id)
-    except pipeline.JobGone as exc:
-        logger.info("export_all: %s", exc)
+    for export_id in pipeline.pending_exports(context(), job_id):
+        export.delay(export_id)
 
 
 class ExportTask(Task):
