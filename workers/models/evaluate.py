@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ def _task_metrics(
         _round(float((p.argmax(1) == y)[coverage].mean())) if coverage.any() else None
     )
     correct = p.argmax(1) == y
-    statistics: dict[str, Any] = {
+    statistics: dict[str, Callable[[np.ndarray], float]] = {
         "accuracy": lambda i: correct[i].mean(),
         # No interval of ECE itself: resampling inflates a binned ECE (duplicated studies
         # fill bins unevenly), so its percentile interval can exclude the estimate. The
@@ -415,7 +415,7 @@ def _operating_point_text(op: Mapping[str, Any], result: Mapping[str, Any]) -> s
     if "malignant_sensitivity" not in test:
         return text + ")."
     return (
-        text + f"; on the fresh test studies sensitivity {_with_ci(test, 'malignant_sensitivity')}"
+        text + f"; on the test studies sensitivity {_with_ci(test, 'malignant_sensitivity')}"
         f", specificity {_with_ci(test, 'malignant_specificity')}). A threshold chosen to "
         "maximise Youden's index on one sample is optimistic on that sample; the test "
         "figures are the ones to expect."
