@@ -50,8 +50,9 @@ class NodeCollector(Collector):
                     select(Export.state, func.count()).group_by(Export.state)).all())
             for state in StudyState:
                 studies.add_metric([state.value], float(counts.get(state.value, 0)))
-            for state in ExportState:
-                exports.add_metric([state.value], float(export_counts.get(state.value, 0)))
+            for export_state in ExportState:
+                exports.add_metric([export_state.value],
+                                   float(export_counts.get(export_state.value, 0)))
             yield studies
             yield exports
         except Exception:

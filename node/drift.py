@@ -34,8 +34,8 @@ def psi(reference: np.ndarray, recent: np.ndarray) -> float:
     return float(np.sum((new - ref) * np.log(new / ref)))
 
 
-def _numeric_psi(ref: Sequence[float], new: Sequence[float], *, edges: np.ndarray | None = None
-                 ) -> float | None:
+def _numeric_psi(ref: Sequence[float | None], new: Sequence[float | None], *,
+                 edges: np.ndarray | None = None) -> float | None:
     ref_a = np.asarray([v for v in ref if v is not None], dtype=float)
     new_a = np.asarray([v for v in new if v is not None], dtype=float)
     if len(ref_a) < MIN_IMAGES // 2 or len(new_a) < MIN_IMAGES // 2:

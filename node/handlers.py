@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -22,6 +22,8 @@ from node.index import InstanceMeta, RegisterOutcome, is_indexed, register_insta
 from node.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED, RECEIVE_SECONDS
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.events import Event
 
     from node.db import Database
@@ -104,11 +106,12 @@ def _store(
     if policy.calling_ae_whitelist and calling_ae not in policy.calling_ae_whitelist:
         return _reject(StoreStatus.NOT_AUTHORISED, "calling_ae", "AE %r not allowed", calling_ae)
 
-    request = event.request
+    request = cast("C_STORE", event.request)  # this handler is bound to EVT_C_STORE only
     transfer_syntax = str(event.context.transfer_syntax)
 
     # 1. Parse the header (never the pixel data) from the received file.
     try:
+        ds: Dataset
         if temp_path is not None:
             ds = dcmread(temp_path, stop_before_pixels=True)
         else:

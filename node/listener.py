@@ -73,7 +73,8 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.add_supported_context(Verification)
     if settings.accept_non_ultrasound:
-        sop_classes = {cx.abstract_syntax for cx in StoragePresentationContexts}
+        sop_classes = {str(cx.abstract_syntax) for cx in StoragePresentationContexts
+                       if cx.abstract_syntax}
         sop_classes.update(c.value for c in SOPClass)
     else:
         sop_classes = {c.value for c in SOPClass}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -399,7 +400,7 @@ def build_instance(
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "SONONODE_SIM"
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -417,7 +418,7 @@ def build_instance(
     else:
         ds.PixelData = np.ascontiguousarray(arr).tobytes()
         ds["PixelData"].VR = "OB"
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, Any] = {}
         if tsyntax == JPEGLSNearLossless:
             kwargs["jls_error"] = 2
         if tsyntax == JPEG2000:
