@@ -43,7 +43,11 @@ def test_train_evaluate_threshold_distill_on_simulated_data(
     assert main([*train, "--out", str(teacher)]) == 0
     teacher_pack = ModelPack.load(teacher, device="cpu")
     assert teacher_pack.manifest.simulated
-    assert teacher_pack.manifest.architecture_params == {"width": 0.5, "pool": "avgmax"}
+    assert teacher_pack.manifest.architecture_params == {
+        "width": 0.5,
+        "pool": "avgmax",
+        "output_stride": 16,
+    }
     report = tmp_path / "report"
     assert (
         main(

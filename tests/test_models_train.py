@@ -114,6 +114,20 @@ def test_avgmax_pooling_keeps_the_embedding_and_widens_the_heads() -> None:
         build_network("multitask_mobilenet", {"pooling": "avg"})
 
 
+def test_output_stride_16_doubles_the_last_feature_map_and_keeps_the_weights() -> None:
+    coarse = MultiTaskMobileNet(width=0.25)
+    fine = MultiTaskMobileNet(width=0.25, output_stride=16)
+    x = torch.zeros(1, 1, 128, 160)
+    assert tuple(coarse.eval().backbone(x).shape[2:]) == (4, 5)
+    assert tuple(fine.eval().backbone(x).shape[2:]) == (8, 10)
+    # Same layers, only a stride differs: a pack's weights load into either.
+    fine.load_state_dict(coarse.state_dict())
+    built = build_network("multitask_mobilenet", {"width": 0.25, "output_stride": 16})
+    assert tuple(built.eval().backbone(x).shape[2:]) == (8, 10)
+    with pytest.raises(ValueError, match="output_stride must be 16 or 32"):
+        MultiTaskMobileNet(output_stride=8)
+
+
 def _simulated_instance(view: str, seed: int) -> PreparedInstance:
     """One simulated frame the way the node receives it: DICOM dataset, decoded, QC'd."""
     from workers.pixels import decode_dataset

@@ -121,8 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
 
     spec = default_input_spec()
-    width, pool = args.width, args.pool
-    net = MultiTaskMobileNet(width=width, pool=pool)
+    width, pool, stride = args.width, args.pool, args.output_stride
+    net = MultiTaskMobileNet(width=width, pool=pool, output_stride=stride)
     if args.init_from is not None:
         source = ModelPack.load(args.init_from, device="cpu")
         if source.manifest.architecture != "multitask_mobilenet":
@@ -132,7 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         spec = source.input
         width = float(source.manifest.architecture_params.get("width", 1.0))
         pool = str(source.manifest.architecture_params.get("pool", "avg"))
-        net = MultiTaskMobileNet(width=width, pool=pool)
+        stride = int(source.manifest.architecture_params.get("output_stride", 32))
+        net = MultiTaskMobileNet(width=width, pool=pool, output_stride=stride)
         net.load_state_dict(source.networks[0].state_dict())
     torch.manual_seed(args.seed)
     data = _frames(args, (spec.height, spec.width) if args.init_from else INPUT_SIZE)
@@ -155,6 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         version=args.version,
         width=width,
         pool=pool,
+        output_stride=stride,
         simulated=simulated,
         training_description=(
             f"{len(train_set)} frames "
@@ -300,7 +302,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     frames = _frames(args, (spec.height, spec.width))
     train_set, cal_set, test_set = _three_way_split(frames, args.seed)
     torch.manual_seed(args.seed)
-    student = MultiTaskMobileNet(width=args.width, pool=args.pool)
+    student = MultiTaskMobileNet(
+        width=args.width, pool=args.pool, output_stride=args.output_stride
+    )
     teacher_nets = [n for t in teachers for n in t.networks]
     report = train_network(
         student,
@@ -320,6 +324,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         version=args.version,
         width=args.width,
         pool=args.pool,
+        output_stride=args.output_stride,
         simulated=any(t.manifest.simulated for t in teachers)
         or args.data is None
         or args.simulated_data,
@@ -543,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     from workers.models.train import (
         REFERENCE_CALIBRATION_STUDIES,
         REFERENCE_EPOCHS,
+        REFERENCE_OUTPUT_STRIDE,
         REFERENCE_SEED,
         REFERENCE_TEST_STUDIES,
         REFERENCE_TRAIN_STUDIES,
@@ -566,6 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--width", type=float, default=0.5, help="width multiplier")
     p.add_argument("--pool", choices=POOLING, default="avgmax", help="pooling for the heads")
+    p.add_argument(
+        "--output-stride",
+        type=int,
+        choices=(16, 32),
+        default=REFERENCE_OUTPUT_STRIDE,
+        help="input pixels per cell of the last feature map",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--name", default="sononode-us-custom")
@@ -602,6 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--width", type=float, default=0.25, help="student width multiplier")
     p.add_argument("--pool", choices=POOLING, default="avgmax", help="student pooling")
+    p.add_argument(
+        "--output-stride",
+        type=int,
+        choices=(16, 32),
+        default=REFERENCE_OUTPUT_STRIDE,
+        help="student's input pixels per cell of the last feature map",
+    )
     p.add_argument(
         "--simulated-data",
         action="store_true",

@@ -322,6 +322,7 @@ def multitask_manifest(
     version: str,
     width: float,
     pool: str = "avg",
+    output_stride: int = 32,
     n_members: int = 1,
     simulated: bool,
     training_description: str,
@@ -329,6 +330,11 @@ def multitask_manifest(
 ) -> dict[str, Any]:
     """A manifest dict for a :class:`MultiTaskMobileNet` pack, uncalibrated (temperature 1)."""
     ones = [1.0] * n_members
+    params: dict[str, Any] = {"width": width}
+    if pool != "avg":
+        params["pool"] = pool
+    if output_stride != 32:
+        params["output_stride"] = output_stride
     return {
         "format_version": 1,
         "name": name,
@@ -338,7 +344,7 @@ def multitask_manifest(
         ),
         "architecture": {
             "name": "multitask_mobilenet",
-            "params": {"width": width, "pool": pool} if pool != "avg" else {"width": width},
+            "params": params,
         },
         "members": [],
         "input": {
@@ -552,6 +558,10 @@ def size_report(nets: Sequence[nn.Module]) -> dict[str, Any]:
 REFERENCE_SEED = 20250
 REFERENCE_WIDTH = 0.5
 REFERENCE_POOL = "avgmax"
+#: Output stride 16 (a 8x10 last feature map instead of 4x5): on 300 validation studies
+#: (seed 5150, not the test seed) nodule accuracy 0.68 instead of 0.64, malignant AUC 0.82
+#: instead of 0.79, nodule-vs-none AUC 0.90 instead of 0.85, for 18 % more training time.
+REFERENCE_OUTPUT_STRIDE = 16
 REFERENCE_EPOCHS = 30
 REFERENCE_TRAIN_STUDIES = 900
 #: Calibration and test splits are large because the nodule figures are the noisy ones: with
@@ -560,7 +570,7 @@ REFERENCE_TRAIN_STUDIES = 900
 #: 600 fresh studies gave 0.67, i.e. most of that gap was sampling error.
 REFERENCE_CALIBRATION_STUDIES = 400
 REFERENCE_TEST_STUDIES = 500
-REFERENCE_VERSION = "1.2.0"
+REFERENCE_VERSION = "1.3.0"
 #: View mix of the reference pack's training data (order of ``VIEW_LABELS``): 70 % thyroid
 #: frames, because the nodule head learns only from them and needs by far the most gradient
 #: steps; the other views are learnt from a few hundred frames each.
@@ -577,6 +587,7 @@ def build_reference_pack(
     epochs: int = REFERENCE_EPOCHS,
     width: float = REFERENCE_WIDTH,
     pool: str = REFERENCE_POOL,
+    output_stride: int = REFERENCE_OUTPUT_STRIDE,
     processes: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -606,7 +617,7 @@ def build_reference_pack(
     train_set, cal_set = split_by_study(data, [1 - frac, frac], seed=seed)
     simulated_s = time.perf_counter() - started
     torch.manual_seed(seed)
-    net = MultiTaskMobileNet(width=width, pool=pool)
+    net = MultiTaskMobileNet(width=width, pool=pool, output_stride=output_stride)
     report = train_network(net, train_set, epochs=epochs, seed=seed, spec=spec, progress=progress)
     train_emb = network_outputs(net, train_set, spec=spec)["embedding"]
     cal = calibrate_members([net], cal_set, spec=spec, train_embeddings=train_emb)
@@ -627,6 +638,7 @@ def build_reference_pack(
         version=REFERENCE_VERSION,
         width=width,
         pool=pool,
+        output_stride=output_stride,
         simulated=True,
         training_description=description,
     )
