@@ -544,11 +544,25 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+def _add_network_args(p: argparse.ArgumentParser, *, width: float) -> None:
+    """Shape of the network to train (train) or of the student (distill)."""
+    from workers.models.train import REFERENCE_OUTPUT_STRIDE
+
+    p.add_argument("--width", type=float, default=width, help="width multiplier")
+    p.add_argument("--pool", choices=POOLING, default="avgmax", help="pooling for the heads")
+    p.add_argument(
+        "--output-stride",
+        type=int,
+        choices=(16, 32),
+        default=REFERENCE_OUTPUT_STRIDE,
+        help="input pixels per cell of the last feature map",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from workers.models.train import (
         REFERENCE_CALIBRATION_STUDIES,
         REFERENCE_EPOCHS,
-        REFERENCE_OUTPUT_STRIDE,
         REFERENCE_SEED,
         REFERENCE_TEST_STUDIES,
         REFERENCE_TRAIN_STUDIES,
@@ -570,15 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the --data images are simulated: the pack is flagged not for clinical use",
     )
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--width", type=float, default=0.5, help="width multiplier")
-    p.add_argument("--pool", choices=POOLING, default="avgmax", help="pooling for the heads")
-    p.add_argument(
-        "--output-stride",
-        type=int,
-        choices=(16, 32),
-        default=REFERENCE_OUTPUT_STRIDE,
-        help="input pixels per cell of the last feature map",
-    )
+    _add_network_args(p, width=0.5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--name", default="sononode-us-custom")
@@ -613,15 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher pack (repeat for an ensemble)",
     )
     _add_data_args(p)
-    p.add_argument("--width", type=float, default=0.25, help="student width multiplier")
-    p.add_argument("--pool", choices=POOLING, default="avgmax", help="student pooling")
-    p.add_argument(
-        "--output-stride",
-        type=int,
-        choices=(16, 32),
-        default=REFERENCE_OUTPUT_STRIDE,
-        help="student's input pixels per cell of the last feature map",
-    )
+    _add_network_args(p, width=0.25)
     p.add_argument(
         "--simulated-data",
         action="store_true",
