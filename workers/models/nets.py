@@ -116,7 +116,7 @@ class MultiTaskMobileNet(nn.Module):
     output_stride
         Input pixels per cell of the last feature map: 32 (MobileNet's), or 16, where the
         last downsampling block keeps its resolution (four times the cells, for details
-        the size of a nodule's margin; about a third more computation).
+        the size of a nodule's margin; the last blocks cost four times as much).
     """
 
     def __init__(
