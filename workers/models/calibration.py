@@ -266,8 +266,7 @@ def cluster_bootstrap(
         return {}
     _, inverse = np.unique(g, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
-    starts = np.r_[0, np.cumsum(np.bincount(inverse))]
-    members = [order[starts[i] : starts[i + 1]] for i in range(starts.size - 1)]
+    members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
     rng = np.random.default_rng(seed)
     values: dict[str, list[float]] = {name: [] for name in statistics}
     for _ in range(resamples):

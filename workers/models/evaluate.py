@@ -72,10 +72,24 @@ def _task_metrics(
     y = labels[mask]
     p = calibrated[mask]
     p_raw = np.mean([softmax(r[spec.output][mask]) for r in raw], axis=0)
+    correct = p.argmax(1) == y
+    # Statistics with a study-bootstrap interval, as functions of frame indices: the point
+    # value is the statistic of every frame, the interval that of resampled studies.
+    statistics: dict[str, Callable[[np.ndarray], float]] = {
+        "accuracy": lambda i: correct[i].mean(),
+        # No interval of ECE itself: resampling inflates a binned ECE (duplicated studies
+        # fill bins unevenly), so its percentile interval can exclude the estimate. The
+        # paired change by calibration is what the interval is needed for, and its bias
+        # largely cancels.
+        "ece_change": lambda i: (
+            expected_calibration_error(p[i], y[i]) - expected_calibration_error(p_raw[i], y[i])
+        ),
+        "nll_change": lambda i: mean_nll(p[i], y[i]) - mean_nll(p_raw[i], y[i]),
+    }
     out: dict[str, Any] = {
         "n": n,
         "studies": int(np.unique(studies[mask]).size),
-        "accuracy": _round(float((p.argmax(1) == y).mean())),
+        "accuracy": _round(float(correct.mean())),
         "auc_macro": _round(multiclass_auc(p, y)),
         "ece_uncalibrated": _round(expected_calibration_error(p_raw, y)),
         "ece": _round(expected_calibration_error(p, y)),
@@ -90,20 +104,8 @@ def _task_metrics(
     coverage = p.max(1) >= spec.threshold
     out["coverage_at_threshold"] = _round(float(coverage.mean()))
     out["accuracy_when_confident"] = (
-        _round(float((p.argmax(1) == y)[coverage].mean())) if coverage.any() else None
+        _round(float(correct[coverage].mean())) if coverage.any() else None
     )
-    correct = p.argmax(1) == y
-    statistics: dict[str, Callable[[np.ndarray], float]] = {
-        "accuracy": lambda i: correct[i].mean(),
-        # No interval of ECE itself: resampling inflates a binned ECE (duplicated studies
-        # fill bins unevenly), so its percentile interval can exclude the estimate. The
-        # paired change by calibration is what the interval is needed for, and its bias
-        # largely cancels.
-        "ece_change": lambda i: (
-            expected_calibration_error(p[i], y[i]) - expected_calibration_error(p_raw[i], y[i])
-        ),
-        "nll_change": lambda i: mean_nll(p[i], y[i]) - mean_nll(p_raw[i], y[i]),
-    }
     op = spec.operating_point
     if op is not None:
         k = spec.label_names.index(op.label)
@@ -111,13 +113,15 @@ def _task_metrics(
         if 0 < positive.sum() < positive.size:
             score = p[:, k]
             called = score >= op.threshold
-            out[f"{op.label}_auc"] = _round(roc_auc(score, positive))
-            out[f"{op.label}_sensitivity"] = _round(float(called[positive == 1].mean()))
-            out[f"{op.label}_specificity"] = _round(float((~called)[positive == 0].mean()))
+            binary = {
+                f"{op.label}_auc": lambda i: roc_auc(score[i], positive[i]),
+                f"{op.label}_sensitivity": lambda i: _rate(called[i][positive[i] == 1]),
+                f"{op.label}_specificity": lambda i: _rate(~called[i][positive[i] == 0]),
+            }
+            everything = np.arange(n)
+            out.update({name: _round(statistic(everything)) for name, statistic in binary.items()})
             out[f"{op.label}_threshold"] = op.threshold
-            statistics[f"{op.label}_auc"] = lambda i: roc_auc(score[i], positive[i])
-            statistics[f"{op.label}_sensitivity"] = lambda i: _rate(called[i][positive[i] == 1])
-            statistics[f"{op.label}_specificity"] = lambda i: _rate(~called[i][positive[i] == 0])
+            statistics.update(binary)
     if resamples:
         intervals = cluster_bootstrap(studies[mask], statistics, resamples=resamples)
         out["ci95"] = {name: interval.as_list() for name, interval in intervals.items()}
