@@ -1,14 +1,14 @@
-"""Shared helpers of the benchmarks (they reuse the tests' real-peer helpers)."""
+"""Shared helpers of the benchmarks (real peers come from the installed ``harness``)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from harness.peers import dcmsend, make_orthanc, start_node, wait_for
 
-from peers import dcmsend, make_orthanc, start_node, wait_for  # noqa: E402,F401
+__all__ = ["ROOT", "dcmsend", "make_orthanc", "percentile", "start_node", "wait_for"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -15,6 +15,7 @@ import statistics
 import tempfile
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from _common import dcmsend, make_orthanc, percentile, start_node, wait_for
 from pydicom import dcmread
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     args = parser.parse_args()
 
-    from workers.simulator import VENDOR_STYLES, simulate_study
+    from simulator import VENDOR_STYLES, simulate_study
 
     vendors = sorted(VENDOR_STYLES)
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -53,7 +54,7 @@ def main() -> None:
                 study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
                 dcmsend(node.dicom_port, files)
 
-                def sent(uid: str = study_uid) -> dict | None:
+                def sent(uid: str = study_uid) -> dict[str, Any] | None:
                     study = node.get(f"/studies/{uid}")
                     job = study["jobs"][-1] if study["jobs"] else None
                     if job and job["exports"] and job["exports"][0]["state"] == "sent":

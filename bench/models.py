@@ -125,7 +125,8 @@ def networks() -> list[tuple[str, object, tuple[int, int, int]]]:
     )
     npz = SONONET_DIR / "SonoNet16.npz"
     if npz.is_file():
-        from workers.models.sononet import INPUT_SIZE, load_sononet
+        from modelkit.sononet_import import load_sononet
+        from workers.models.sononet import INPUT_SIZE
 
         out.append(("SonoNet-16", load_sononet(npz), (1, *INPUT_SIZE)))
     else:
@@ -151,11 +152,11 @@ def hwm_mb():
     return float("nan")
 
 from node.config import Settings
-from workers.imaging import PreparedInstance
+from workers.imaging.types import PreparedInstance
 from workers.models.inference import Analyser
 from workers.models.packs import ModelPack
-from workers.pixels import load_instance
-from workers.qc import assess_instance
+from workers.imaging.pixels import load_instance
+from workers.imaging.qc import assess_instance
 
 loop, frames = Path(sys.argv[1]), int(sys.argv[2])
 settings = Settings()
@@ -178,7 +179,7 @@ print(json.dumps({
 
 def worker_memory(loop_frames: int, max_frames: Sequence[int]) -> list[dict[str, object]]:
     """Peak RSS of a fresh worker-like process per number of frames analysed."""
-    from workers.simulator import simulate_study
+    from simulator import simulate_study
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

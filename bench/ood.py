@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -38,14 +37,17 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from modelkit.calibration import roc_auc
+from modelkit.sononet_import import Example
+from workers.imaging.pixels import sample_frames
+from workers.imaging.types import DecodedInstance, PreparedInstance
+from workers.models.inference import Analyser
+from workers.models.manifest import Region
+from workers.models.ood import EnergyScorer
+from workers.models.packs import ModelPack
+from workers.models.preprocess import model_input
 
-from workers.imaging import DecodedInstance, PreparedInstance  # noqa: E402
-from workers.models.calibration import roc_auc  # noqa: E402
-from workers.models.inference import Analyser, model_input, sample_frames  # noqa: E402
-from workers.models.packs import EnergyScorer, ModelPack, Region  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SONONET_DIR = Path(os.environ.get("SONONODE_SONONET_DIR", ROOT.parent / "shared" / "sononet"))
 REFERENCE_PACK = ROOT / "deploy" / "models" / "sononode-us-sim"
@@ -106,10 +108,11 @@ def other_modality_files() -> list[Path]:
     return found
 
 
-def _frames_seen(instance: DecodedInstance, region: Region, *, max_frames: int = 4) -> list:
+def _frames_seen(instance: DecodedInstance, region: Region, *,
+                 max_frames: int = 4) -> list[np.ndarray]:
     """What a pack would be shown, QC's verdict aside: the modality is accepted and a frame
     QC rejects is still cropped to the region QC found (else the whole frame)."""
-    from workers.qc import assess_instance
+    from workers.imaging.qc import assess_instance
 
     qc = assess_instance(instance, accept_modalities=(instance.modality or "US",))
     if qc.scan_region is not None and qc.scan_mask is not None:
@@ -127,8 +130,8 @@ def other_modality_frames(
     returns the frames and the number of source images."""
     from pydicom import dcmread
 
-    from workers.models.sononet import augment
-    from workers.pixels import decode_dataset
+    from modelkit.sononet_import import augment
+    from workers.imaging.pixels import decode_dataset
 
     rng = np.random.default_rng(seed)
     frames: list[np.ndarray] = []
@@ -145,11 +148,11 @@ def other_modality_frames(
 
 
 def fetal_frames(
-    examples: Sequence, *, augmentations: int, seed: int = 1
+    examples: Sequence[Example], *, augmentations: int, seed: int = 1
 ) -> list[np.ndarray]:
     """SonoNet's in-distribution frames: each example and ``augmentations`` copies of it."""
-    from workers.models.sononet import augment, model_inputs
-    from workers.qc import assess_instance
+    from modelkit.sononet_import import augment, model_inputs
+    from workers.imaging.qc import assess_instance
 
     rng = np.random.default_rng(seed)
     frames: list[np.ndarray] = []
@@ -167,9 +170,9 @@ def simulated_frames(
 ) -> list[np.ndarray]:
     """Simulated B-mode frames through DICOM, decoding, QC and cropping, ``per_view`` of
     each view for each vendor (frames QC refuses are left out, as the node does)."""
-    from workers.models.sononet import model_inputs
-    from workers.pixels import decode_dataset
-    from workers.simulator import VIEWS, build_instance, new_study_context, simulate_image
+    from modelkit.sononet_import import model_inputs
+    from simulator import VIEWS, build_instance, new_study_context, simulate_image
+    from workers.imaging.pixels import decode_dataset
 
     frames: list[np.ndarray] = []
     for v, vendor in enumerate(vendors):
@@ -207,7 +210,7 @@ def max_softmax_scores(pack: ModelPack, frames: Sequence[np.ndarray]) -> np.ndar
 def abstained(pack: ModelPack, frames: Sequence[np.ndarray]) -> float:
     """Fraction of one-frame images the node would withhold the view of with this pack."""
     from dicom_sr.model import QCOutcome
-    from workers.imaging import DecodedInstance, InstanceQC
+    from workers.imaging.types import DecodedInstance, InstanceQC
 
     items = []
     for i, frame in enumerate(frames):
@@ -239,11 +242,12 @@ def _row(pack: ModelPack, inside: str, outside: str, s_in: np.ndarray, s_out: np
 
 
 def sononet_rows(
-    pack: ModelPack, examples: Sequence, *, augmentations: int, copies: int, per_view: int,
+    pack: ModelPack, examples: Sequence[Example], *, augmentations: int, copies: int,
+    per_view: int,
     with_abstention: bool = True,
 ) -> tuple[list[Row], dict[str, float]]:
     """Rows (a) and (b) for a SonoNet pack, and the abstention rate of each set."""
-    from workers.simulator import VENDOR_STYLES, VIEWS
+    from simulator import VENDOR_STYLES, VIEWS
 
     fetal = fetal_frames(examples, augmentations=augmentations)
     modality, sources = other_modality_frames(Region.SCAN_REGION, copies=copies)
@@ -326,7 +330,7 @@ def main() -> None:
     rows += reference_rows(reference, per_view=args.per_view, copies=args.copies)
     npz = SONONET_DIR / "SonoNet16.npz"
     if args.sononet_pack is not None or npz.is_file():
-        from workers.models.sononet import EXAMPLES_FOLDER, import_sononet, read_examples
+        from modelkit.sononet_import import EXAMPLES_FOLDER, import_sononet, read_examples
 
         examples = read_examples(SONONET_DIR / EXAMPLES_FOLDER)
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """Quality control on the CPU: time per frame, false fails on good frames, scan-region IoU.
 
 Simulates good frames (quality 0.95) of every vendor style x view and reads the real
-SonoNet example captures, runs ``workers.qc.assess_instance`` on each and prints:
+SonoNet example captures, runs ``workers.imaging.qc.assess_instance`` on each and prints:
 
 - QC time per frame (median, p95): simulated single frames with the header's Sequence of
   Ultrasound Regions (as the simulator's DICOM writer and scanners give it) and without
@@ -28,7 +28,7 @@ import numpy as np
 from _common import ROOT, percentile
 
 from dicom_sr.model import QCOutcome
-from workers.imaging import DecodedInstance, InstanceQC, UltrasoundRegion
+from workers.imaging.types import DecodedInstance, InstanceQC, UltrasoundRegion
 
 
 def _rgb(pixels: np.ndarray) -> np.ndarray:
@@ -49,7 +49,7 @@ def _header(bbox: tuple[int, int, int, int]) -> tuple[UltrasoundRegion, ...]:
 
 
 def _timed(inst: DecodedInstance) -> tuple[InstanceQC, float]:
-    from workers.qc import assess_instance
+    from workers.imaging.qc import assess_instance
 
     start = time.perf_counter()
     qc = assess_instance(inst)
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import workers.simulator as sim
+    import simulator as sim
 
     rng = np.random.default_rng(args.seed)
     vendors = sorted(sim.VENDOR_STYLES)

@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from workers.simulator import simulate_study
+    from simulator import simulate_study
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

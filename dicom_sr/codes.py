@@ -149,6 +149,29 @@ YES = CodedConcept.from_code(codes.SCT.Yes)
 NO = CodedConcept.from_code(codes.SCT.No)
 """(373067005, SCT, "No")."""
 
+# Concepts of the TID 1500 / TID 1501 / TID 4019 structure itself, which highdicom writes
+# for the builder; the reader looks for them by these constants.
+MEASUREMENT_GROUP = CodedConcept.from_code(codes.DCM.MeasurementGroup)
+"""(125007, DCM, "Measurement Group"): one per analysed image."""
+
+IMAGING_MEASUREMENTS = CodedConcept.from_code(codes.DCM.ImagingMeasurements)
+"""(126010, DCM, "Imaging Measurements"): the container of the measurement groups."""
+
+TRACKING_IDENTIFIER = CodedConcept.from_code(codes.DCM.TrackingIdentifier)
+"""(112039, DCM, "Tracking Identifier") of a measurement group."""
+
+TRACKING_UID = CodedConcept.from_code(codes.DCM.TrackingUniqueIdentifier)
+"""(112040, DCM, "Tracking Unique Identifier") of a measurement group."""
+
+ALGORITHM_NAME = CodedConcept.from_code(codes.DCM.AlgorithmName)
+"""(111001, DCM, "Algorithm Name") of TID 4019."""
+
+ALGORITHM_VERSION = CodedConcept.from_code(codes.DCM.AlgorithmVersion)
+"""(111003, DCM, "Algorithm Version") of TID 4019."""
+
+ALGORITHM_PARAMETERS = CodedConcept.from_code(codes.DCM.AlgorithmParameters)
+"""(111002, DCM, "Algorithm Parameters") of TID 4019 (``sha256=...``)."""
+
 SIMULATED_SUFFIX = " [trained on simulated images - NOT FOR CLINICAL USE]"
 """Appended to the TID 4019 Algorithm Name of packs trained on simulated data."""
 

@@ -3,7 +3,7 @@
 These dataclasses are the contract between ``workers/`` (QC, inference) and
 ``dicom_sr/`` (report building). They hold no pixels and no patient data, only
 identifiers, labels and numbers, and they round-trip through plain JSON so the
-index can store them (:func:`study_result_from_dict`).
+index can store them (:meth:`StudyResult.to_json`, :meth:`StudyResult.from_json`).
 """
 
 from __future__ import annotations
@@ -64,6 +64,17 @@ class QCCheck:
     message: str
     value: float | None = None
     threshold: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (the form stored in the index)."""
+        return {"code": self.code, "outcome": self.outcome.value, "message": self.message,
+                "value": self.value, "threshold": self.threshold}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> QCCheck:
+        """The check :meth:`to_json` wrote."""
+        return cls(code=data["code"], outcome=QCOutcome(data["outcome"]), message=data["message"],
+                   value=data.get("value"), threshold=data.get("threshold"))
 
 
 @dataclass(frozen=True)
@@ -134,10 +145,20 @@ class StudyResult:
     needs_review: bool = False
     review_reasons: tuple[str, ...] = field(default_factory=tuple)
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (the form stored in the index)."""
+        return dataclasses.asdict(self)
 
-def to_dict(result: StudyResult) -> dict[str, Any]:
-    """Return a JSON-serialisable dict of ``result``."""
-    return dataclasses.asdict(result)
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StudyResult:
+        """The result :meth:`to_json` wrote.
+
+        Raises
+        ------
+        ValueError
+            If a required key is missing or a value is invalid.
+        """
+        return _study_result(data)
 
 
 def _classification(data: Mapping[str, Any] | None) -> Classification | None:
@@ -155,30 +176,14 @@ def _classification(data: Mapping[str, Any] | None) -> Classification | None:
     )
 
 
-def study_result_from_dict(data: Mapping[str, Any]) -> StudyResult:
-    """Rebuild a :class:`StudyResult` from :func:`to_dict` output.
-
-    Raises
-    ------
-    ValueError
-        If a required key is missing or a value is invalid.
-    """
+def _study_result(data: Mapping[str, Any]) -> StudyResult:
     try:
         images = tuple(
             ImageResult(
                 sop_instance_uid=img["sop_instance_uid"],
                 sop_class_uid=img["sop_class_uid"],
                 qc_outcome=QCOutcome(img["qc_outcome"]),
-                qc_checks=tuple(
-                    QCCheck(
-                        code=c["code"],
-                        outcome=QCOutcome(c["outcome"]),
-                        message=c["message"],
-                        value=c.get("value"),
-                        threshold=c.get("threshold"),
-                    )
-                    for c in img.get("qc_checks", ())
-                ),
+                qc_checks=tuple(QCCheck.from_json(c) for c in img.get("qc_checks", ())),
                 frames_total=int(img.get("frames_total", 1)),
                 frames_used=int(img.get("frames_used", 0)),
                 view=_classification(img.get("view")),

@@ -1,9 +1,11 @@
-"""The ``sononode`` command line.
+"""The ``sononode`` command line, and the node's composition root.
 
 ``sononode up`` runs the whole node on one machine; ``listener``, ``api``, ``worker``
 and ``scheduler`` run one role each (what the compose deployment uses); ``echo`` and
 ``send`` talk to a DICOM peer; ``simulate`` writes simulated studies; ``model`` is the
-model toolkit.
+model toolkit. This is the one module of ``node/`` that imports ``workers`` (and the
+tooling packages): it wires the Celery dispatcher and the model catalogue into the
+scheduler and the API, which know only their interfaces.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ def _setup(role: str) -> Settings:
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format=f"%(asctime)s {role} %(process)d %(levelname)s %(name)s: %(message)s",
     )
-    # The multiprocess folder must exist (and be in the environment) before the first
-    # import of prometheus_client, which picks its storage mode at import time.
-    metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.metrics_dir)
+    # prometheus-client picks its storage mode when it is first imported, so its
+    # multiprocess folder must be in the environment before anything imports node.metrics.
+    metrics_dir = settings.process_metrics_dir.resolve()
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     return settings
 
 
@@ -61,23 +63,30 @@ def _cmd_api(_: argparse.Namespace) -> int:
     import uvicorn
 
     from node.api import create_app
+    from node.broker import redis_client_url
     from node.db import open_database
-    from workers.celery_app import redis_client_url
+    from workers.dispatch import celery_dispatcher
+    from workers.models.manifest import describe_packs
 
     db = open_database(settings.effective_database_url, settings.data_dir)
-    app = create_app(settings, db, redis_url=redis_client_url(settings))
+    app = create_app(
+        settings, db,
+        dispatcher=celery_dispatcher(),
+        redis_url=redis_client_url(settings),
+        models_catalogue=lambda: describe_packs(settings.effective_model_packs),
+        multiprocess_metrics=True,
+    )
     uvicorn.run(app, host=settings.http_host, port=settings.http_port,
                 log_level=settings.log_level.lower())
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    settings = _setup("worker")
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     if "gpu" in queues:
-        from workers.tasks import PRELOAD_ENV
-
-        os.environ[PRELOAD_ENV] = "1"
+        # Inference workers load their packs at start, not on the first study.
+        os.environ.setdefault("SONONODE_PRELOAD_MODELS", "1")
+    settings = _setup("worker")
     from workers.celery_app import app
 
     concurrency = args.concurrency or settings.worker_concurrency
@@ -102,7 +111,8 @@ def _cmd_scheduler(_: argparse.Namespace) -> int:
     import threading
 
     from node.db import open_database
-    from node.scheduler import celery_dispatcher, run_scheduler
+    from node.scheduler import run_scheduler
+    from workers.dispatch import celery_dispatcher
 
     db = open_database(settings.effective_database_url, settings.data_dir)
     stop = threading.Event()
@@ -213,15 +223,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sononode`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "simulate":
-        from workers.simulator.cli import main as simulate_main
+        from simulator.cli import main as simulate_main
 
         return simulate_main(argv[1:])
     if argv and argv[0] == "model":
         if len(argv) > 1 and argv[1] == "import-sononet":
-            from workers.models.sononet import main as sononet_main
+            from modelkit.sononet_import import main as sononet_main
 
             return sononet_main(argv[2:])
-        from workers.models.cli import main as model_main
+        from modelkit.cli import main as model_main
 
         return model_main(argv[1:])
     args = build_parser().parse_args(argv)

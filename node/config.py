@@ -1,7 +1,9 @@
 """The node's one settings object, read from ``SONONODE_*`` environment variables.
 
 Every process (listener, API, worker, scheduler) builds its :class:`Settings` once
-with :func:`get_settings`; nothing else reads the environment.
+with :func:`get_settings`; nothing else in the node reads the environment. (The CLI
+*writes* ``PROMETHEUS_MULTIPROC_DIR``, prometheus-client's own variable, from
+:attr:`Settings.process_metrics_dir` before that library is imported.)
 """
 
 from __future__ import annotations
@@ -122,6 +124,16 @@ class Settings(BaseSettings):
     )
     network_timeout_seconds: float = Field(default=30.0, gt=0, description="DICOM timeouts.")
     log_level: str = Field(default="INFO", description="Python logging level.")
+    metrics_subdir: str = Field(
+        default="",
+        description="This process's sub-folder of <data>/metrics (compose gives each container "
+        "its own: process ids repeat across containers); the API merges them all.",
+    )
+    preload_models: bool = Field(
+        default=False,
+        description="Load the model packs when a worker process starts (set by 'sononode "
+        "worker' for workers of the gpu queue) instead of on the first inference.",
+    )
 
     @field_validator("destinations", mode="before")
     @classmethod
@@ -168,8 +180,13 @@ class Settings(BaseSettings):
 
     @property
     def metrics_dir(self) -> Path:
-        """prometheus-client multiprocess directory shared by all the node's processes."""
+        """prometheus-client multiprocess files of all the node's processes (merged by the API)."""
         return self.data_dir / "metrics"
+
+    @property
+    def process_metrics_dir(self) -> Path:
+        """Where this process writes its prometheus-client multiprocess files."""
+        return self.metrics_dir / self.metrics_subdir if self.metrics_subdir else self.metrics_dir
 
     @property
     def effective_database_url(self) -> str:

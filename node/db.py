@@ -1,7 +1,8 @@
 """The index: SQLAlchemy models and sessions. The database is the node's source of truth.
 
-Every state change of a study, a job or an export is a row update here; the broker
-only carries identifiers. SQLite (WAL mode) by default, PostgreSQL by URL.
+Every state change of a study, a job or an export is a row update here, made by
+:mod:`node.jobs` (the lifecycle) or :mod:`node.index` (received instances); the broker only
+carries identifiers. SQLite (WAL mode) by default, PostgreSQL by URL.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    func,
-    select,
+    text,
 )
+from sqlalchemy import Enum as SQLEnum
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -66,32 +67,48 @@ class StudyState(StrEnum):
 
 
 class JobState(StrEnum):
-    """Stages of one analysis job (QC -> inference -> report -> export)."""
+    """Stages of one analysis job (QC -> inference -> report -> export), in order."""
 
     QUEUED = "queued"
+    """Created for a stable study revision; QC runs next."""
     QC_DONE = "qc_done"
+    """QC's record is stored (``Job.qc``); inference runs next."""
     INFERRED = "inferred"
+    """The study result is stored (``Job.result``); the report stage runs next."""
     REPORTED = "reported"
+    """The SR is durable (``Job.sr_path``); exports to the destinations are under way."""
     DONE = "done"
+    """Every export has an outcome (or there was no destination)."""
     FAILED = "failed"
-
-
-#: Job states after which nothing more runs for the job.
-TERMINAL_JOB_STATES = frozenset({JobState.DONE, JobState.FAILED})
+    """Failed for good (``Job.error``); a re-analysis creates a new job."""
 
 
 class ExportState(StrEnum):
     """Delivery of one SR to one destination."""
 
     PENDING = "pending"
+    """Created with the SR; not attempted yet (or replayed)."""
     RETRYING = "retrying"
+    """An attempt failed transiently; Celery retries with backoff."""
     SENT = "sent"
+    """The destination answered Success (or a storing warning)."""
     DEAD = "dead"
     """Retry budget spent or permanent refusal; replay with ``POST /exports/{id}/replay``."""
 
 
+def _state_column(enum: type[StrEnum]) -> SQLEnum:
+    """A typed state column stored as the members' lower-case values (VARCHAR, no DB enum)."""
+    return SQLEnum(enum, native_enum=False, create_constraint=False, length=16,
+                   values_callable=lambda members: [m.value for m in members])
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON}  # noqa: RUF012
+    type_annotation_map = {  # noqa: RUF012
+        dict[str, Any]: JSON,
+        StudyState: _state_column(StudyState),
+        JobState: _state_column(JobState),
+        ExportState: _state_column(ExportState),
+    }
 
 
 class Study(Base):
@@ -102,7 +119,7 @@ class Study(Base):
     accession_number: Mapped[str | None] = mapped_column(String(16))
     study_date: Mapped[str | None] = mapped_column(String(8))
     study_description: Mapped[str | None] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING, index=True)
+    state: Mapped[StudyState] = mapped_column(default=StudyState.RECEIVING, index=True)
     revision: Mapped[int] = mapped_column(Integer, default=0)
     """Incremented for every new instance; a job analyses one revision."""
     analysed_revision: Mapped[int] = mapped_column(Integer, default=0)
@@ -152,7 +169,7 @@ class Job(Base):
         ForeignKey("studies.study_instance_uid"), index=True
     )
     revision: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED, index=True)
+    state: Mapped[JobState] = mapped_column(default=JobState.QUEUED, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     """How many times the chain was dispatched (the reconciler re-dispatches stale jobs)."""
     error: Mapped[str | None] = mapped_column(Text)
@@ -198,7 +215,7 @@ class Export(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     destination: Mapped[str] = mapped_column(String(128))
-    state: Mapped[str] = mapped_column(String(16), default=ExportState.PENDING, index=True)
+    state: Mapped[ExportState] = mapped_column(default=ExportState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -206,30 +223,6 @@ class Export(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     job: Mapped[Job] = relationship(back_populates="exports")
-
-
-def settle_job(session: Session, job_id: int) -> None:
-    """Move the job and its study on once every export has an outcome."""
-    # Lock the job row: two exports of one job finishing together must not both see the
-    # other still pending (PostgreSQL read committed) and leave the job unsettled.
-    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
-    if job is None:
-        return
-    states = set(session.scalars(select(Export.state).where(Export.job_id == job_id)).all())
-    if not states or states & {ExportState.PENDING, ExportState.RETRYING}:
-        return
-    if job.state == JobState.DONE:
-        return
-    job.state = JobState.DONE
-    job.updated_at = utcnow()
-    study = session.get(Study, job.study_instance_uid)
-    latest = session.scalar(
-        select(func.max(Job.id)).where(Job.study_instance_uid == job.study_instance_uid)
-    )
-    if study is not None and latest == job.id and study.state != StudyState.RECEIVING:
-        study.state = (
-            StudyState.EXPORT_FAILED if ExportState.DEAD in states else StudyState.EXPORTED
-        )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -280,12 +273,11 @@ class Database:
 
     def ping(self) -> None:
         """Raise if the database cannot be reached."""
-        from sqlalchemy import text
-
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
+        """Close every pooled connection (before a fork, or at exit)."""
         self.engine.dispose()
 
 

@@ -21,6 +21,8 @@ from sqlalchemy import select
 from node.db import Database, ImageResultRow
 
 DEFAULT_WINDOW = 200
+#: PSI above which a feature counts as shifted (the usual rule of thumb).
+PSI_ALERT = 0.2
 MIN_IMAGES = 20
 _EPS = 1e-4
 

@@ -1,4 +1,4 @@
-"""Index operations on received instances (what the listener records)."""
+"""Index operations on received instances: what the listener records, what the stages read."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from node.db import Database, Instance, Study, StudyState, utcnow
 from node.sop_classes import is_analysed
@@ -104,6 +106,16 @@ class InstanceMeta:
         )
 
 
+def analysed_instances(session: Session, study_uid: str) -> list[Instance]:
+    """The instances of the study that are analysed (images), in series and instance order."""
+    rows = session.scalars(
+        select(Instance)
+        .where(Instance.study_instance_uid == study_uid)
+        .order_by(Instance.series_number, Instance.instance_number, Instance.received_at)
+    ).all()
+    return [row for row in rows if is_analysed(row.sop_class_uid, row.modality)]
+
+
 def is_indexed(db: Database, sop_instance_uid: str) -> bool:
     """True when the instance is already in the index."""
     with db.session() as session:
@@ -164,7 +176,7 @@ def _register(
             # echoed back by a PACS must not.
             # An SQL increment, not a Python read-modify-write: concurrent associations
             # must not lose revisions (a lost one could skip a re-analysis).
-            study.revision = Study.revision + 1  # type: ignore[assignment]
+            study.revision = Study.revision + 1
             study.last_received_at = now
             if study.state != StudyState.PROCESSING:
                 study.state = StudyState.RECEIVING

@@ -1,15 +1,13 @@
 """All Prometheus metrics of the node, in one place.
 
 Every process (listener, scheduler, Celery workers, API) writes to prometheus-client's
-multiprocess directory; the API aggregates them with ``MultiProcessCollector``. The
-directory must be in ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is first
-imported, which :func:`configure_multiprocess` (called by the CLI) ensures.
+multiprocess directory; the API aggregates them (``node/api/collectors.py``). The directory
+must be in ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is first imported: the
+CLI sets it (``node/cli.py``, ``_setup``) before any role imports this module. Without it
+(library use, tests) the metrics live in the process's own registry.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -97,12 +95,3 @@ MODEL_LOADED = Gauge(
     ["model", "version", "device"],
     multiprocess_mode="livemax",
 )
-
-
-def configure_multiprocess(metrics_dir: Path, *, clean: bool = False) -> None:
-    """Point prometheus-client at ``metrics_dir`` (must run before metrics are updated)."""
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    if clean:
-        for path in metrics_dir.glob("*.db"):
-            path.unlink(missing_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)

@@ -17,23 +17,12 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from node.db import (
-    Database,
-    Export,
-    ExportState,
-    Job,
-    JobState,
-    Study,
-    StudyState,
-    settle_job,
-    utcnow,
-)
+from node import jobs
+from node.db import Database, Export, Job, JobState, Study, utcnow
 from node.metrics import SCHEDULER_RECONCILED, STUDIES_COMPLETED
 
 logger = logging.getLogger(__name__)
 
-#: Job states in which the analysis itself is still running (a new job waits for them).
-_RUNNING = (JobState.QUEUED, JobState.QC_DONE, JobState.INFERRED)
 #: A job re-dispatched this many times is failed instead.
 MAX_JOB_ATTEMPTS = 5
 
@@ -42,23 +31,12 @@ MAX_JOB_ATTEMPTS = 5
 class Dispatcher:
     """How the scheduler hands work to the workers (Celery in production, fakes in tests)."""
 
-    job: Callable[[int, str], None]
+    job: Callable[[int, JobState], None]
     """``job(job_id, from_state)``: send the rest of the job's chain."""
     export: Callable[[int], None]
     """``export(export_id)``: send one export task."""
     backlog: Callable[[], int] = lambda: 0
     """Messages waiting in the broker; stale jobs are not re-dispatched behind a backlog."""
-
-
-def celery_dispatcher() -> Dispatcher:
-    """The production dispatcher (imports Celery lazily)."""
-    from workers.tasks import dispatch_job, export, queue_backlog
-
-    return Dispatcher(
-        job=lambda job_id, state: dispatch_job(job_id, from_state=state),
-        export=lambda export_id: export.delay(export_id),
-        backlog=queue_backlog,
-    )
 
 
 def start_complete_studies(db: Database, dispatcher: Dispatcher, *, stable_seconds: float) -> int:
@@ -72,31 +50,16 @@ def start_complete_studies(db: Database, dispatcher: Dispatcher, *, stable_secon
             )
         ).all()
         for study in candidates:
-            busy = session.scalars(
-                select(Job.id).where(
-                    Job.study_instance_uid == study.study_instance_uid, Job.state.in_(_RUNNING)
-                )
-            ).first()
-            if busy is not None:
+            if jobs.study_is_busy(session, study.study_instance_uid):
                 continue  # re-analysis starts once the running job has reported
-            job = Job(
-                study_instance_uid=study.study_instance_uid,
-                revision=study.revision,
-                state=JobState.QUEUED,
-                attempts=0,
-            )
-            session.add(job)
-            study.analysed_revision = study.revision
-            study.state = StudyState.PROCESSING
-            session.flush()
-            created.append(job.id)
+            created.append(jobs.create(session, study).id)
     for job_id in created:
         _dispatch_job(db, dispatcher, job_id, JobState.QUEUED)
         STUDIES_COMPLETED.inc()
     return len(created)
 
 
-def _dispatch_job(db: Database, dispatcher: Dispatcher, job_id: int, state: str) -> None:
+def _dispatch_job(db: Database, dispatcher: Dispatcher, job_id: int, state: JobState) -> None:
     try:
         dispatcher.job(job_id, state)
     except Exception:
@@ -104,11 +67,8 @@ def _dispatch_job(db: Database, dispatcher: Dispatcher, job_id: int, state: str)
         logger.exception("cannot dispatch job %d (broker down?)", job_id)
         return
     with db.session() as session:
-        job = session.get(Job, job_id)
-        if job is not None:
-            job.attempts += 1
-            job.updated_at = utcnow()
-    logger.info("job %d dispatched from state %s", job_id, state)
+        jobs.dispatched(session, job_id)
+    logger.info("job %d dispatched from state %s", job_id, state.value)
 
 
 def reconcile(
@@ -121,7 +81,7 @@ def reconcile(
     """Re-dispatch stale jobs and exports. Returns how many were re-dispatched."""
     now = utcnow()
     stale = now - timedelta(seconds=stale_seconds)
-    jobs: list[tuple[int, str]] = []
+    stale_jobs: list[tuple[int, JobState]] = []
     exports: list[int] = []
     try:
         backlog = dispatcher.backlog()
@@ -130,39 +90,35 @@ def reconcile(
         backlog = 0
     with db.session() as session:
         for job in session.scalars(
-            select(Job).where(Job.state.in_([*_RUNNING, JobState.REPORTED]))
+            select(Job).where(Job.state.in_([*jobs.RUNNING, JobState.REPORTED]))
         ).all():
             never_sent = job.attempts == 0
             if not never_sent and job.updated_at > stale:
                 continue
-            if job.state == JobState.REPORTED:
+            if job.state is JobState.REPORTED:
                 # Its exports are reconciled one by one below; a job whose exports all
                 # have an outcome but was never settled is settled here.
-                settle_job(session, job.id)
+                jobs.settle(session, job.id)
                 continue
             if not never_sent and backlog > 0:
                 # Old because it waits behind other work, not because it was lost.
                 continue
             if job.attempts >= MAX_JOB_ATTEMPTS:
-                job.error = f"stalled in state {job.state} after {job.attempts} dispatches"
-                job.state = JobState.FAILED
-                study = session.get(Study, job.study_instance_uid)
-                if study is not None and study.state == StudyState.PROCESSING:
-                    study.state = StudyState.FAILED
-                logger.error("job %d failed: %s", job.id, job.error)
+                jobs.fail(session, job, f"stalled in state {job.state.value} after "
+                          f"{job.attempts} dispatches")
                 continue
-            jobs.append((job.id, job.state))
+            stale_jobs.append((job.id, job.state))
         export_stale = now - timedelta(seconds=stale_seconds + export_grace_seconds)
         for export in session.scalars(
             select(Export).where(
-                Export.state.in_([ExportState.PENDING, ExportState.RETRYING]),
+                Export.state.in_(jobs.OPEN_EXPORTS),
                 Export.updated_at <= export_stale,
             )
         ).all():
             export.updated_at = now
             exports.append(export.id)
-    for job_id, state in jobs:
-        logger.warning("re-dispatching stale job %d from state %s", job_id, state)
+    for job_id, state in stale_jobs:
+        logger.warning("re-dispatching stale job %d from state %s", job_id, state.value)
         SCHEDULER_RECONCILED.labels(kind="job").inc()
         _dispatch_job(db, dispatcher, job_id, state)
     for export_id in exports:
@@ -172,7 +128,7 @@ def reconcile(
             dispatcher.export(export_id)
         except Exception:
             logger.exception("cannot dispatch export %d", export_id)
-    return len(jobs) + len(exports)
+    return len(stale_jobs) + len(exports)
 
 
 def run_scheduler(

@@ -1,4 +1,9 @@
-"""Durable storage of received instances: temp file, fsync, atomic rename, fsync directory."""
+"""Durable files: temp file, fsync, atomic rename, fsync directory.
+
+The spool of received instances (:class:`Spool`, written by the listener) and the node's
+reports (:func:`write_durably`, written by the report stage) go through the same writer, so
+a crash at any point leaves either no file or the complete file.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -29,6 +35,34 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _replace_durably(temp_file: Path, final: Path) -> None:
+    """fsync ``temp_file``, rename it to ``final`` (same filesystem), fsync the folder."""
+    _fsync_file(temp_file)
+    os.replace(temp_file, final)
+    fsync_dir(final.parent)
+
+
+def write_durably(final: Path, write: Callable[[Path], object]) -> Path:
+    """Create ``final`` durably: ``write(temp)`` writes a temporary file beside it, which is
+    fsynced and renamed into place, and the folder fsynced. Returns ``final``.
+
+    Nothing is left behind when ``write`` fails.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        write(temp)
+        _replace_durably(temp, final)
+    finally:
+        temp.unlink(missing_ok=True)
+    return final
 
 
 class Spool:
@@ -72,19 +106,12 @@ class Spool:
         """
         final = self.root / relative
         self._make_dirs(final.parent)
-        with open(temp_file, "rb+") as handle:
-            os.fsync(handle.fileno())
         if temp_file.stat().st_dev == final.parent.stat().st_dev:
-            os.replace(temp_file, final)
+            _replace_durably(temp_file, final)
         else:
-            # Different filesystems (a misconfigured temp dir): copy, fsync, then replace.
-            partial = final.with_suffix(".partial")
-            shutil.copyfile(temp_file, partial)
-            with open(partial, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(partial, final)
+            # Different filesystems (a misconfigured temp dir): copy, then replace.
+            write_durably(final, lambda partial: shutil.copyfile(temp_file, partial))
             temp_file.unlink(missing_ok=True)
-        fsync_dir(final.parent)
         return final
 
     def _make_dirs(self, folder: Path) -> None:

@@ -16,9 +16,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from node.broker import die_with_parent, start_embedded_redis
+from node.broker import die_with_parent, embedded_broker_socket, start_embedded_redis
 from node.config import Settings
-from node.metrics import configure_multiprocess
+from node.db import open_database
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +56,13 @@ def run_up(settings: Settings) -> int:
     """Run the node until interrupted. Returns the exit code."""
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    configure_multiprocess(settings.metrics_dir.resolve(), clean=True)
+    # Counters start from zero with a new node: files of an earlier run's processes go.
+    for stale in settings.metrics_dir.glob("*.db"):
+        stale.unlink(missing_ok=True)
     env = dict(os.environ)
     env["SONONODE_DATA_DIR"] = str(data_dir)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(settings.metrics_dir.resolve())
 
     # Create the schema once before the children race to do it.
-    from node.db import open_database
-
     open_database(settings.effective_database_url, data_dir).dispose()
 
     stopping = False
@@ -78,8 +77,6 @@ def run_up(settings: Settings) -> int:
 
     broker = None
     if not settings.broker_url:
-        from workers.celery_app import embedded_broker_socket
-
         socket_path = embedded_broker_socket(settings)
         broker = start_embedded_redis(socket_path, data_dir)
         env["SONONODE_BROKER_URL"] = f"redis+socket://{socket_path}"

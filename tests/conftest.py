@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from peers import get_port
-
+from harness.peers import get_port
 from node.config import Settings
 from node.db import Database, open_database
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -47,3 +50,17 @@ def make_us_dataset(*, study_uid: str | None = None, sop_class: str = US_IMAGE,
 def write(ds: Dataset, path: Path) -> Path:
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def require_tools(*tools: str) -> None:
+    """Skip when a peer tool is missing; in CI (``CI=true``) fail instead, never hide it."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not missing:
+        return
+    message = (
+        f"missing peer tools: {', '.join(missing)} "
+        "(apt-get install dcmtk dicom3tools orthanc)"
+    )
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)

@@ -136,13 +136,20 @@ def test_drift_by_vendor(client: TestClient, db: Database) -> None:
 
 
 def test_models_lists_configured_packs(settings: Settings, db: Database, tmp_path: Path) -> None:
-    pack = tmp_path / "pack"
-    pack.mkdir()
-    (pack / "manifest.json").write_text(json.dumps({"name": "demo", "version": "1"}))
-    configured = settings.model_copy(update={"model_packs": [pack, tmp_path / "missing"]})
-    models = TestClient(create_app(configured, db)).get("/models").json()["models"]
-    assert models[0]["name"] == "demo"
-    assert "error" in models[1]
+    """The catalogue the CLI wires in: each pack's validated manifest, or why it is unusable."""
+    from workers.models.manifest import describe_packs
+
+    bundled = settings.effective_model_packs[0]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text(json.dumps({"name": "demo", "version": "1"}))
+    paths = [bundled, broken, tmp_path / "missing"]
+    app = create_app(settings, db, models_catalogue=lambda: describe_packs(paths))
+    models = TestClient(app).get("/models").json()["models"]
+    assert models[0]["name"] == json.loads((bundled / "manifest.json").read_text())["name"]
+    assert len(models[0]["manifest_sha256"]) == 64
+    assert "format_version" in models[1]["error"]
+    assert "no manifest.json" in models[2]["error"]
 
 
 def test_openapi(client: TestClient) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The packages that ship (tests are linted, not type-checked: fixtures are loosely typed).
-TYPED = ("node", "workers", "dicom_sr", "bench")
+#: The packages that ship, strictly typed (tests are linted, not type-checked: fixtures are
+#: loosely typed).
+TYPED = ("node", "workers", "dicom_sr", "simulator", "modelkit", "harness", "bench")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -64,7 +64,8 @@ def test_shared_spool_and_declared_volumes(compose: dict) -> None:
             assert env["SONONODE_BROKER_URL"].startswith("redis://redis:")
             assert env["SONONODE_DATABASE_URL"].startswith("postgresql+psycopg://")
             # One metrics folder per container: process ids repeat across containers.
-            assert env["PROMETHEUS_MULTIPROC_DIR"].startswith("/data/metrics/")
+            assert env["SONONODE_METRICS_SUBDIR"] == name
+            assert "PROMETHEUS_MULTIPROC_DIR" not in env  # the CLI sets it from the settings
 
 
 def test_healthchecks_and_dependencies(compose: dict) -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from peers import Node, Orthanc, dcmsend, make_orthanc, require_tools, start_node, wait_for
-from pydicom import dcmread
+from fixtures import require_tools
+from pydicom import Dataset, dcmread
 
 from dicom_sr.reader import read_sr
+from harness.peers import Node, Orthanc, dcmsend, make_orthanc, start_node, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.dcmtk,
               pytest.mark.timeout(600)]
@@ -86,7 +87,7 @@ def seed_base(request: pytest.FixtureRequest) -> int:
 
 def _simulate(out: Path, *, seed: int, n_images: int = 4, n_loops: int = 1,
               vendor: str | None = None) -> tuple[str, list[Path]]:
-    from workers.simulator import VENDOR_STYLES, simulate_study
+    from simulator import VENDOR_STYLES, simulate_study
 
     vendor = vendor or sorted(VENDOR_STYLES)[seed % len(VENDOR_STYLES)]
     study = simulate_study(out, seed=seed, vendor=vendor, n_images=n_images, n_loops=n_loops,
@@ -135,6 +136,17 @@ def _check_sr(path: Path, source_files: list[Path]) -> None:
     assert findings, "no finding in the SR"
     assert "probability" in dump.lower()
     assert "finding" in dump.lower()
+    # Every algorithm name carries the simulated-data disclaimer exactly once.
+    names = [item.TextValue for item in _content_items(ds)
+             if item.get("ValueType") == "TEXT"
+             and item.ConceptNameCodeSequence[0].CodeValue == "111001"]
+    assert names and all(n.lower().count("not for clinical use") == 1 for n in names), names
+
+
+def _content_items(ds: Dataset) -> Iterator[Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
 
 
 def test_study_to_sr_in_pacs(node: Node, orthanc: Orthanc, tmp_path: Path,

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures import make_us_dataset, write
-from peers import get_port, require_tools, running_orthanc, wait_for
+from fixtures import make_us_dataset, require_tools, write
 from pydicom import dcmread
 from pynetdicom import AE, evt
 
+from harness.peers import get_port, running_orthanc, wait_for
 from node.config import Destination
 from workers.export import ExportRefusedError, ExportTransientError, send_file
 

@@ -7,8 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from fixtures import make_us_dataset, write
-from peers import require_tools
+from fixtures import make_us_dataset, require_tools, write
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 

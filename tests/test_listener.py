@@ -6,13 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures import CT_IMAGE, make_us_dataset, write
-from peers import dcmsend, require_tools
+from fixtures import CT_IMAGE, make_us_dataset, require_tools, write
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 from sqlalchemy import func, select
 
+from harness.peers import dcmsend
 from node.config import Settings
 from node.db import Database, Instance, Study
 from node.handlers import StoreStatus, check_complete

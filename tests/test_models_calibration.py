@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.models.calibration import (
+from modelkit.calibration import (
     cluster_bootstrap,
     confusion_matrix,
     expected_calibration_error,

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dicom_sr.model import QCCheck, QCOutcome, study_result_from_dict, to_dict
-from workers.models.inference import Analyser, sample_frames
+from dicom_sr.model import QCCheck, QCOutcome, StudyResult
+from modelkit.testing import prepared_instance, stub_pack, tiny_manifest, write_tiny_pack
+from workers.imaging.pixels import sample_frames
+from workers.models.inference import Analyser
 from workers.models.packs import ModelPack
-from workers.models.testing import prepared_instance, stub_pack, tiny_manifest, write_tiny_pack
 
 THYROID = [0.0, 5.0, 0.0, 0.0, 0.0]  # confident thyroid_transverse
 LUNG = [0.0, 0.0, 0.0, 0.0, 5.0]
@@ -40,7 +41,7 @@ def test_confident_view_and_finding() -> None:
     assert not result.needs_review
     assert result.algorithms[0].simulated_training_data
     # The result round-trips through the index's JSON.
-    assert study_result_from_dict(json.loads(json.dumps(to_dict(result)))) == result
+    assert StudyResult.from_json(json.loads(json.dumps(result.to_json()))) == result
 
 
 def test_abstains_on_low_confidence() -> None:

@@ -8,15 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.models.packs import (
-    FORMAT_VERSION,
-    SIMULATED_SUFFIX,
-    ModelPack,
-    PackFormatError,
-    PackIntegrityError,
-    to_unit_grey,
-)
-from workers.models.testing import write_tiny_pack
+from dicom_sr.codes import SIMULATED_SUFFIX
+from modelkit.testing import write_tiny_pack
+from workers.models.manifest import FORMAT_VERSION, PackFormatError, PackIntegrityError
+from workers.models.packs import ModelPack
+from workers.models.preprocess import to_unit_grey
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +38,9 @@ def test_pack_loads_and_verifies(pack_dir: Path) -> None:
     pack = ModelPack.load(pack_dir, device="cpu")
     assert pack.manifest.raw["format_version"] == FORMAT_VERSION
     assert pack.view_task is not None and pack.view_task.name == "view"
-    assert pack.algorithm.name.endswith(SIMULATED_SUFFIX)
+    # The name is the pack's own; the SR builder adds the disclaimer to it, once.
+    assert pack.algorithm.name == pack.manifest.name
+    assert SIMULATED_SUFFIX.strip() not in pack.algorithm.name
     assert pack.algorithm.simulated_training_data is True
     assert len(pack.algorithm.sha256) == 64
 

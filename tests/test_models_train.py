@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from workers.imaging import PreparedInstance
-from workers.models.data import (
+from modelkit.data import (
     FrameSet,
-    assess,
     node_input,
     simulate_frameset,
     split_by_study,
 )
-from workers.models.inference import model_input
+from modelkit.train import augment, multitask_loss, train_network
+from workers.imaging.qc import assess_instance
+from workers.imaging.types import PreparedInstance
+from workers.models.manifest import InputSpec, Region
 from workers.models.nets import MultiTaskMobileNet, build_network, count_parameters
-from workers.models.packs import InputSpec, Region, preprocess
-from workers.models.train import augment, multitask_loss, train_network
+from workers.models.preprocess import model_input, preprocess
 
 needs_simulator = pytest.mark.skipif(
-    importlib.util.find_spec("workers.simulator") is None, reason="workers.simulator missing"
+    importlib.util.find_spec("simulator") is None, reason="simulator missing"
 )
 
 SPEC = InputSpec(height=48, width=64, mean=0.3, std=0.25)
@@ -130,8 +130,8 @@ def test_output_stride_16_doubles_the_last_feature_map_and_keeps_the_weights() -
 
 def _simulated_instance(view: str, seed: int) -> PreparedInstance:
     """One simulated frame the way the node receives it: DICOM dataset, decoded, QC'd."""
-    from workers.pixels import decode_dataset
-    from workers.simulator import build_instance, new_study_context, simulate_image
+    from simulator import build_instance, new_study_context, simulate_image
+    from workers.imaging.pixels import decode_dataset
 
     rng = np.random.default_rng(seed)
     frame = simulate_image(view, vendor="Aurora Imaging", rng=rng, size=(480, 640))
@@ -140,7 +140,7 @@ def _simulated_instance(view: str, seed: int) -> PreparedInstance:
         frame, vendor="Aurora Imaging", study=study, series_instance_uid="1.2.826.0.1.3680043.9"
     )
     instance = decode_dataset(dataset)
-    return PreparedInstance(instance, assess(instance))
+    return PreparedInstance(instance, assess_instance(instance))
 
 
 @needs_simulator

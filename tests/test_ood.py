@@ -18,18 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from modelkit.pack_writer import write_pack
+from modelkit.testing import StubNet, prepared_instance, tiny_manifest
 from workers.models.inference import Analyser
-from workers.models.packs import (
-    EnergyScorer,
-    Manifest,
-    ModelPack,
-    OODMethod,
-    OODScorer,
-    PackFormatError,
-    load_manifest,
-    write_pack,
-)
-from workers.models.testing import StubNet, prepared_instance, tiny_manifest
+from workers.models.manifest import Manifest, OODMethod, PackFormatError, read_manifest
+from workers.models.ood import EnergyScorer, MahalanobisScorer
+from workers.models.packs import ModelPack
 
 ROOT = Path(__file__).resolve().parents[1]
 SONONET_DIR = Path(os.environ.get("SONONODE_SONONET_DIR", ROOT.parent / "shared" / "sononet"))
@@ -127,7 +121,7 @@ def test_energy_pack_writes_loads_and_scores(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = MultiTaskMobileNet(width=0.25)
     folder = write_pack(tmp_path / "energy", manifest, [net.state_dict()])
-    written = load_manifest(folder)
+    written = read_manifest(folder).raw
     assert written["ood"]["method"] == "energy" and written["ood"]["fitted_on"] == "tests"
     assert not (folder / "ood_stats.npz").exists()
     pack = ModelPack.load(folder, device="cpu")
@@ -145,9 +139,9 @@ def test_energy_pack_writes_loads_and_scores(tmp_path: Path) -> None:
     assert json.loads((again / "manifest.json").read_text())["ood"]["task"] == "view"
     with pytest.raises(PackFormatError, match=r"stats applies to method 'mahalanobis'"):
         write_pack(tmp_path / "mixed", manifest, [net.state_dict()],
-                   ood=OODScorer(np.zeros(4), np.eye(4)))
+                   ood=MahalanobisScorer(np.zeros(4), np.eye(4)))
     with pytest.raises(ValueError, match="does not match the manifest"):
-        ModelPack(pack.manifest, [net], ood=OODScorer(np.zeros(4), np.eye(4)), device="cpu")
+        ModelPack(pack.manifest, [net], ood=MahalanobisScorer(np.zeros(4), np.eye(4)), device="cpu")
 
 
 def test_analyser_withholds_the_view_of_high_energy_frames() -> None:
@@ -179,7 +173,7 @@ def bench() -> ModuleType:
 def sononet(tmp_path_factory: pytest.TempPathFactory) -> ModelPack:
     if not NPZ.is_file():
         pytest.skip(f"SonoNet weights not found at {NPZ} (set SONONODE_SONONET_DIR)")
-    from workers.models.sononet import import_sononet
+    from modelkit.sononet_import import import_sononet
 
     folder = import_sononet(NPZ, tmp_path_factory.mktemp("packs") / "sononet16")
     return ModelPack.load(folder, device="cpu")
@@ -187,7 +181,7 @@ def sononet(tmp_path_factory: pytest.TempPathFactory) -> ModelPack:
 
 @pytest.fixture(scope="module")
 def fetal_scores(bench: ModuleType, sononet: ModelPack) -> np.ndarray:
-    from workers.models.sononet import EXAMPLES_FOLDER, read_examples
+    from modelkit.sononet_import import EXAMPLES_FOLDER, read_examples
 
     folder = SONONET_DIR / EXAMPLES_FOLDER
     if not folder.is_dir():
@@ -201,7 +195,7 @@ def fetal_scores(bench: ModuleType, sononet: ModelPack) -> np.ndarray:
 def test_sononet_energy_separates_other_modalities(
     bench: ModuleType, sononet: ModelPack, fetal_scores: np.ndarray
 ) -> None:
-    from workers.models.packs import Region
+    from workers.models.manifest import Region
 
     frames, sources = bench.other_modality_frames(Region.SCAN_REGION)
     assert sources >= 5 and len(frames) == sources  # CT, MR, NM, RT image: local files only
@@ -212,7 +206,7 @@ def test_sononet_energy_separates_other_modalities(
 def test_sononet_energy_separates_non_fetal_ultrasound(
     bench: ModuleType, sononet: ModelPack, fetal_scores: np.ndarray
 ) -> None:
-    from workers.simulator import VENDOR_STYLES
+    from simulator import VENDOR_STYLES
 
     frames = bench.simulated_frames(sorted(VENDOR_STYLES)[:2], per_view=1, seed=7)
     assert len(frames) >= 8

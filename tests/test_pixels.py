@@ -1,4 +1,4 @@
-"""Decoding of DICOM pixel data into 8-bit RGB frames (workers/pixels.py)."""
+"""Decoding of DICOM pixel data into 8-bit RGB frames (workers/imaging/pixels.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from workers.pixels import (
+from workers.imaging.pixels import (
     PixelDataError,
     PixelErrorReason,
     load_instance,

@@ -1,4 +1,4 @@
-"""Quality control and scan-region detection on synthetic and real frames (workers/qc.py)."""
+"""Quality control and scan-region detection on synthetic and real frames (workers/imaging)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from dicom_sr.model import QCOutcome
-from workers.imaging import DecodedInstance, InstanceQC, PreparedInstance, UltrasoundRegion
-from workers.qc import QCCode, QCThresholds, assess_instance, assess_study, frame_for_model
-from workers.scan_region import RegionShape, RegionSource, find_scan_region
+from workers.imaging.qc import QCCode, QCThresholds, assess_instance, assess_study
+from workers.imaging.scan_region import RegionShape, RegionSource, find_scan_region
+from workers.imaging.types import DecodedInstance, InstanceQC, PreparedInstance, UltrasoundRegion
+from workers.models.preprocess import frame_for_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "sononet" / "example_images"
 if not EXAMPLES.is_dir():
@@ -379,7 +380,7 @@ def test_frame_for_model(rng: np.random.Generator) -> None:
     assert qc.scan_region is not None and qc.scan_mask is not None
     c0, r0, c1, r1 = qc.scan_region
     assert crop.dtype == np.float32 and crop.shape == (r1 - r0, c1 - c0)
-    assert (crop[~qc.scan_mask[r0:r1, c0:c1]] == 0).all() and crop.max() > 100
+    assert (crop[~qc.scan_mask[r0:r1, c0:c1]] == 0).all() and 100 / 255 < crop.max() <= 1.0
     with pytest.raises(ValueError):
         frame_for_model(inst, qc, 1)
 

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from dicom_sr.model import QCOutcome
-from workers.imaging import DecodedInstance, InstanceQC, UltrasoundRegion
-from workers.qc import QCCode, assess_instance
-from workers.scan_region import find_scan_region
+from workers.imaging.qc import QCCode, assess_instance
+from workers.imaging.scan_region import find_scan_region
+from workers.imaging.types import DecodedInstance, InstanceQC, UltrasoundRegion
 
-simulator = pytest.importorskip("workers.simulator")
+simulator = pytest.importorskip("simulator")
 
 VENDORS = sorted(simulator.VENDOR_STYLES)
 CASES = [(view, vendor) for view in simulator.VIEWS for vendor in VENDORS]

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from scipy import stats
 
-from workers.simulator import (
+from simulator import (
     HELD_OUT_VENDOR,
     TRANSFER_SYNTAXES,
     VENDOR_STYLES,
@@ -25,9 +25,9 @@ from workers.simulator import (
     simulate_study,
     write_instance,
 )
-from workers.simulator.bmode import speckle_envelope
-from workers.simulator.cli import main
-from workers.simulator.views import sample_nodule_features
+from simulator.bmode import speckle_envelope
+from simulator.cli import main
+from simulator.views import sample_nodule_features
 
 GREY_VENDOR = "Northwind Medical"
 TINT_VENDOR = "Aurora Imaging"

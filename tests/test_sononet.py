@@ -14,27 +14,31 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from workers.imaging import DecodedInstance, PreparedInstance
+from modelkit.sononet_import import (
+    augment,
+    import_sononet,
+    label_from_name,
+    load_npz_state_dict,
+    load_sononet,
+    main,
+    read_examples,
+)
+from workers.imaging.qc import assess_instance
+from workers.imaging.types import DecodedInstance, PreparedInstance
+from workers.models.inference import box_from_map
+from workers.models.manifest import Region
+from workers.models.preprocess import input_box, model_input
 from workers.models.sononet import (
     ABSTAIN_LABEL,
     AUTHORS_CROP,
+    INPUT_SCALE,
     INPUT_SIZE,
     LABEL_CODES,
     SONONET_LABELS,
     SonoNet16,
     SonoNetLabel,
-    augment,
-    find_scan_region,
-    import_sononet,
-    label_from_name,
-    load_npz_state_dict,
-    load_sononet,
-    localise,
-    main,
-    preprocess,
-    read_examples,
-    resolve_region,
 )
 
 pytestmark = pytest.mark.sononet
@@ -177,24 +181,40 @@ def test_read_examples(tmp_path: Path) -> None:
         read_examples(empty)
 
 
-def test_preprocess_contract() -> None:
+def authors_input(frame: np.ndarray, crop: tuple[int, int, int, int] = AUTHORS_CROP
+                  ) -> torch.Tensor:
+    """The authors' pre-processing of their captures (``../shared/sononet/README.md``), the
+    oracle the node's path is compared with: the fixed crop, resize to 224 x 288, grey by
+    channel mean, per-image z-score times 255. ``(1, 224, 288)``."""
+    c0, r0, c1, r1 = crop
+    rgb = torch.from_numpy(np.ascontiguousarray(frame[r0:r1, c0:c1, :3])).float()
+    resized = F.interpolate(rgb.permute(2, 0, 1)[None], size=INPUT_SIZE, mode="bilinear",
+                            antialias=True, align_corners=False)[0]
+    grey = resized.mean(dim=0, keepdim=True)
+    return (grey - grey.mean()) / grey.std(unbiased=False).clamp_min(1e-6) * INPUT_SCALE
+
+
+def node_input(frame: np.ndarray) -> torch.Tensor:
+    """The node's own path for a scan-region pack: QC's scan region and mask, then the
+    pack's pre-processing (per-image z-score; the network multiplies by 255)."""
+    from workers.models.manifest import InputSpec, NormalisationMode
+    from workers.models.preprocess import preprocess
+
+    item = _prepared(frame, "1.2.826.0.1.3680043.8.498.99")
+    crop = model_input(item, 0, Region.SCAN_REGION)
+    spec = InputSpec(height=INPUT_SIZE[0], width=INPUT_SIZE[1],
+                     normalisation=NormalisationMode.PER_IMAGE)
+    return preprocess([crop], spec)[0] * INPUT_SCALE
+
+
+def test_authors_input_contract() -> None:
     rng = np.random.default_rng(0)
-    frame = np.zeros((300, 400, 3), np.uint8)
-    frame[50:280, 60:380] = rng.integers(0, 255, (230, 320, 1), np.uint8)
-    x = preprocess(frame, (60, 50, 380, 280))
+    frame = np.zeros((735, 975, 3), np.uint8)
+    frame[115:734, 81:874] = rng.integers(0, 255, (619, 793, 1), np.uint8)
+    x = authors_input(frame)
     assert x.shape == (1, *INPUT_SIZE) and x.dtype == torch.float32
     assert abs(float(x.mean())) < 1e-2
     assert float(x.std(unbiased=False)) == pytest.approx(255.0, rel=1e-3)
-    region = find_scan_region(frame)
-    assert region is not None
-    c0, r0, c1, r1 = region
-    assert abs(c0 - 60) <= 3 and abs(r0 - 50) <= 3 and abs(c1 - 380) <= 3 and abs(r1 - 280) <= 3
-    assert find_scan_region(np.zeros((300, 400, 3), np.uint8)) is None
-    assert resolve_region(np.zeros((300, 400, 3), np.uint8), None) == (0, 0, 400, 300)
-    with pytest.raises(ValueError, match="at least 16 x 16"):
-        preprocess(frame, (10, 10, 12, 200))
-    with pytest.raises(TypeError, match="uint8"):
-        preprocess(frame.astype(np.float32), None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,12 +222,11 @@ def test_preprocess_contract() -> None:
 # ---------------------------------------------------------------------------------------
 @needs_weights
 @needs_examples
-@pytest.mark.parametrize("crop", ["authors", "detected"])
+@pytest.mark.parametrize("crop", ["authors", "node"])
 def test_examples_classified(model: SonoNet16, frames: dict[str, np.ndarray], crop: str) -> None:
     names = list(EXPECTED)
-    batch = torch.stack(
-        [preprocess(frames[n], AUTHORS_CROP if crop == "authors" else None) for n in names]
-    )
+    make = authors_input if crop == "authors" else node_input
+    batch = torch.stack([make(frames[n]) for n in names])
     probabilities = _run(model, batch)["probabilities"]
     for name, row in zip(names, probabilities, strict=True):
         predicted = SONONET_LABELS[int(row.argmax())]
@@ -218,7 +237,7 @@ def test_examples_classified(model: SonoNet16, frames: dict[str, np.ndarray], cr
 @needs_weights
 @needs_examples
 def test_outputs_stable_between_runs(model: SonoNet16, frames: dict[str, np.ndarray]) -> None:
-    batch = torch.stack([preprocess(f, None) for f in frames.values()])
+    batch = torch.stack([authors_input(f) for f in frames.values()])
     first = _run(model, batch)
     again = load_sononet(NPZ)
     second = _run(again, batch.clone())
@@ -232,10 +251,10 @@ def test_outputs_stable_between_runs(model: SonoNet16, frames: dict[str, np.ndar
 @needs_examples
 def test_localise_inside_scan_region(model: SonoNet16, frames: dict[str, np.ndarray]) -> None:
     for name, frame in frames.items():
-        region = resolve_region(frame, None)
-        out = _run(model, preprocess(frame, region)[None])
+        region = input_box(_prepared(frame, "1.2.826.0.1.3680043.8.498.98"), Region.SCAN_REGION)
+        out = _run(model, node_input(frame)[None])
         index = int(out["logits"][0].argmax())
-        c0, r0, c1, r1 = localise(out["class_maps"], index, frame.shape, region)
+        c0, r0, c1, r1 = box_from_map(out["class_maps"][0, index].numpy(), region)
         rc0, rr0, rc1, rr1 = region
         assert rc0 <= c0 < c1 <= rc1 and rr0 <= r0 < r1 <= rr1, name
         area = (c1 - c0) * (r1 - r0)
@@ -244,7 +263,8 @@ def test_localise_inside_scan_region(model: SonoNet16, frames: dict[str, np.ndar
 
 @needs_weights
 def test_import_writes_verified_pack(tmp_path: Path) -> None:
-    from workers.models.packs import ModelPack, sha256_file
+    from workers.models.manifest import sha256_file
+    from workers.models.packs import ModelPack
 
     out = tmp_path / "sononet16"
     assert main([str(NPZ), "--out", str(out), "--no-ood"]) == 0
@@ -271,14 +291,13 @@ def test_import_writes_verified_pack(tmp_path: Path) -> None:
 @needs_weights
 @needs_examples
 def test_pack_predicts_examples(tmp_path: Path, frames: dict[str, np.ndarray]) -> None:
-    """The node's own pipeline (luma grey, per_image, input_scale) agrees with the authors'."""
+    """The pack (per_image normalisation, input_scale) on the node's own crops agrees with
+    the authors'."""
     from workers.models.packs import ModelPack
 
     pack = ModelPack.load(import_sononet(NPZ, tmp_path / "pack"), device="cpu")
-    crops = []
-    for frame in frames.values():
-        c0, r0, c1, r1 = resolve_region(frame, None)
-        crops.append(frame[r0:r1, c0:c1])
+    crops = [model_input(_prepared(frame, "1.2.826.0.1.3680043.8.498.97"), 0,
+                         Region.SCAN_REGION) for frame in frames.values()]
     probabilities = pack.predict(crops).probabilities["view"]
     predicted = [SONONET_LABELS[int(i)] for i in probabilities.argmax(axis=1)]
     assert predicted == list(EXPECTED.values())
@@ -299,8 +318,6 @@ def ood_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _prepared(rgb: np.ndarray, uid: str) -> PreparedInstance:
-    from workers.qc import assess_instance
-
     instance = DecodedInstance.from_pixels(rgb, sop_instance_uid=uid)
     return PreparedInstance(instance, assess_instance(instance))
 
@@ -308,7 +325,8 @@ def _prepared(rgb: np.ndarray, uid: str) -> PreparedInstance:
 @needs_weights
 @needs_examples
 def test_ood_threshold_is_documented_in_the_pack(ood_pack: Path) -> None:
-    from workers.models.packs import EnergyScorer, ModelPack
+    from workers.models.ood import EnergyScorer
+    from workers.models.packs import ModelPack
 
     manifest = json.loads((ood_pack / "manifest.json").read_text())
     ood = manifest["ood"]
@@ -332,19 +350,15 @@ def test_ood_threshold_is_documented_in_the_pack(ood_pack: Path) -> None:
 def test_analyser_reports_and_localises_example_planes(
     ood_pack: Path, frames: dict[str, np.ndarray]
 ) -> None:
-    """QC's scan region in, class-map region out, each plane confident and in distribution
-    (the pipeline keeps QC's box but not its mask between stages: the analyser restores it)."""
-    import dataclasses
-
+    """QC's scan region and mask in, class-map region out, each plane confident and in
+    distribution."""
     from workers.models.inference import Analyser
     from workers.models.packs import ModelPack
 
     pack = ModelPack.load(ood_pack, device="cpu")
     assert pack.manifest.ood is not None
-    prepared = []
-    for i, frame in enumerate(frames.values()):
-        item = _prepared(frame, f"1.2.826.0.1.3680043.8.498.{i + 1}")
-        prepared.append(dataclasses.replace(item, qc=dataclasses.replace(item.qc, scan_mask=None)))
+    prepared = [_prepared(frame, f"1.2.826.0.1.3680043.8.498.{i + 1}")
+                for i, frame in enumerate(frames.values())]
     result = Analyser([pack]).analyse_study("1.2.826.0.1.3680043.8.498.0", prepared)
     for (name, expected), item, image in zip(
         EXPECTED.items(), prepared, result.images, strict=True
@@ -367,15 +381,13 @@ def test_non_fetal_input_is_withheld(ood_pack: Path, tmp_path: Path) -> None:
     from pydicom import dcmread
     from pydicom.data import get_testdata_file
 
+    from simulator import simulate_image
+    from workers.imaging.pixels import decode_dataset
     from workers.models.inference import Analyser
     from workers.models.packs import ModelPack
-    from workers.pixels import decode_dataset
-    from workers.simulator import simulate_image
 
     pack = ModelPack.load(ood_pack, device="cpu")
     without_ood = ModelPack.load(import_sononet(NPZ, tmp_path / "plain"), device="cpu")
-    from workers.qc import assess_instance
-
     rng = np.random.default_rng(3)
     prepared = []
     for i, view in enumerate(["abdomen", "thyroid_transverse", "cardiac_4ch", "lung"]):

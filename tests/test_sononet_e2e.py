@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from peers import Node, Orthanc, dcmsend, make_orthanc, require_tools, start_node, wait_for
+from fixtures import require_tools
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 from dicom_sr.reader import SRSummary, read_sr
+from harness.peers import Node, Orthanc, dcmsend, make_orthanc, start_node, wait_for
 
 pytestmark = [
     pytest.mark.slow,

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import make_us_dataset, write
-from peers import dcmsend, require_tools
+from fixtures import make_us_dataset, require_tools, write
 from pydicom import dcmread
 from pydicom.uid import JPEG2000, JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 from sqlalchemy import select
 
+from harness.peers import dcmsend
 from node.config import Settings
 from node.db import Database, Instance
 from node.listener import start_listener
-from workers.pixels import load_instance
+from workers.imaging.pixels import load_instance
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.timeout(300)]
 

@@ -7,40 +7,18 @@ carry identifiers only (job and export ids); workers read the spool and the inde
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu import Exchange
+from kombu import Queue as KombuQueue
 
+from node.broker import Queue, broker_url
 from node.config import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
-CPU_QUEUE = "cpu"
-GPU_QUEUE = "gpu"
-
-#: Where the embedded broker (``sononode up`` without SONONODE_BROKER_URL) listens.
-EMBEDDED_SOCKET_NAME = "redis.sock"
-
-
-def embedded_broker_socket(settings: Settings) -> Path:
-    """Unix socket of the embedded Redis in the data directory."""
-    return (settings.data_dir / EMBEDDED_SOCKET_NAME).resolve()
-
-
-def broker_url(settings: Settings) -> str:
-    """The configured broker, or the embedded Redis that ``sononode up`` starts."""
-    if settings.broker_url:
-        return settings.broker_url
-    return f"redis+socket://{embedded_broker_socket(settings)}"
-
-
-def redis_client_url(settings: Settings) -> str:
-    """A redis-py URL for the same broker (used for queue depth and readiness)."""
-    url = broker_url(settings)
-    if url.startswith("redis+socket://"):
-        return "unix://" + url.removeprefix("redis+socket://")
-    return url
+CPU_QUEUE = Queue.CPU.value
+GPU_QUEUE = Queue.GPU.value
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -48,8 +26,8 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("sononode", broker=broker_url(settings), include=["workers.tasks"])
     app.conf.update(
         task_queues=(
-            Queue(CPU_QUEUE, Exchange(CPU_QUEUE), routing_key=CPU_QUEUE),
-            Queue(GPU_QUEUE, Exchange(GPU_QUEUE), routing_key=GPU_QUEUE),
+            KombuQueue(CPU_QUEUE, Exchange(CPU_QUEUE), routing_key=CPU_QUEUE),
+            KombuQueue(GPU_QUEUE, Exchange(GPU_QUEUE), routing_key=GPU_QUEUE),
         ),
         task_default_queue=CPU_QUEUE,
         task_routes={

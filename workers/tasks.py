@@ -1,7 +1,9 @@
 """Celery tasks: thin orchestrators over :mod:`workers.pipeline`.
 
-A study runs as a chain ``qc -> infer -> report -> export_all``; ``export_all`` fans
-out one ``export`` task per destination. Payloads are job and export ids only.
+A study runs as a chain ``qc -> infer -> report -> export_all`` (sent by
+:mod:`workers.dispatch`); ``export_all`` fans out one ``export`` task per destination.
+Payloads are job and export ids only. Each task runs one stage and hands its outcome to
+:mod:`workers.signals` for the metrics.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ import os
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
-from celery import Task, chain
+from celery import Task
 from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
 from node.config import get_settings
 from node.db import ExportState, open_database
-from node.metrics import EXPORT_FAILURES, EXPORTS
+from node.jobs import JobGone
 from node.spool import Spool
-from workers import pipeline, signals  # noqa: F401  (signals registers metric handlers)
+from workers import pipeline, signals
 from workers.celery_app import app
+from workers.dispatch import TaskName, dispatch_export
 from workers.export import ExportTransientError
 
 logger = logging.getLogger(__name__)
@@ -30,9 +33,6 @@ logger = logging.getLogger(__name__)
 TRANSIENT_JOB_ERRORS = (OperationalError,)
 
 _context: pipeline.WorkerContext | None = None
-
-#: Set by ``sononode worker`` when the worker consumes the GPU queue: load packs at start.
-PRELOAD_ENV = "SONONODE_PRELOAD_MODELS"
 
 
 def context() -> pipeline.WorkerContext:
@@ -44,6 +44,7 @@ def context() -> pipeline.WorkerContext:
             settings=settings,
             db=open_database(settings.effective_database_url, settings.data_dir),
             spool=Spool(settings.spool_dir, settings.incoming_dir),
+            on_packs_loaded=signals.packs_loaded,
         )
     return _context
 
@@ -54,29 +55,31 @@ def _init_process(**_: Any) -> None:
     global _context
     _context = None  # never reuse a parent's engine across fork
     ctx = context()
-    if os.environ.get(PRELOAD_ENV) == "1":
+    if ctx.settings.preload_models:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.settings.worker_concurrency))
         ctx.analyser()
 
 
-class JobTask(Task):
+class JobTask(Task):  # type: ignore[misc]
     """A job stage: a permanent failure marks the job failed (visible in the API).
 
-    A job that no longer exists or has failed meanwhile (``pipeline.JobGone``) ends the
-    stage quietly. A worker process lost mid-task (killed, out of memory, a crashing
+    A job that no longer exists or has failed meanwhile (:class:`node.jobs.JobGone`) ends
+    the stage quietly. A worker process lost mid-task (killed, out of memory, a crashing
     native decoder) does not fail the job: the message is not requeued (that would loop
     on a poison study), and the reconciler re-dispatches the job, at most
     ``MAX_JOB_ATTEMPTS`` times.
     """
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
         try:
-            return super().__call__(*args, **kwargs)
-        except pipeline.JobGone as exc:
+            outcome = super().__call__(*args, **kwargs)
+        except JobGone as exc:
             logger.info("%s: %s", self.name, exc)
-            return None
+            return
+        if outcome is not None:
+            signals.stage_finished(outcome)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
@@ -98,32 +101,32 @@ job_stage = functools.partial(app.task, base=JobTask, autoretry_for=TRANSIENT_JO
                               max_retries=5, retry_backoff=2, retry_jitter=True)
 
 
-@job_stage(name="sononode.qc")
-def qc(job_id: int) -> None:
+@job_stage(name=TaskName.QC.value)
+def qc(job_id: int) -> pipeline.QCDone | None:
     """Quality control of every image of the study (CPU queue)."""
-    pipeline.run_qc(context(), job_id)
+    return pipeline.run_qc(context(), job_id)
 
 
-@job_stage(name="sononode.infer")
-def infer(job_id: int) -> None:
+@job_stage(name=TaskName.INFER.value)
+def infer(job_id: int) -> pipeline.Inferred | None:
     """Model inference on the usable frames (GPU queue; CPU when no GPU)."""
-    pipeline.run_inference(context(), job_id)
+    return pipeline.run_inference(context(), job_id)
 
 
-@job_stage(name="sononode.report")
-def report(job_id: int) -> None:
+@job_stage(name=TaskName.REPORT.value)
+def report(job_id: int) -> pipeline.Reported | None:
     """Build and store the SR, create the exports (CPU queue)."""
-    pipeline.run_report(context(), job_id)
+    return pipeline.run_report(context(), job_id)
 
 
-@job_stage(name="sononode.export_all")
+@job_stage(name=TaskName.EXPORT_ALL.value)
 def export_all(job_id: int) -> None:
     """Dispatch one export task per destination still to be served."""
     for export_id in pipeline.pending_exports(context(), job_id):
-        export.delay(export_id)
+        dispatch_export(export_id)
 
 
-class ExportTask(Task):
+class ExportTask(Task):  # type: ignore[misc]
     """After the retry budget (or a permanent refusal) the export is dead-lettered."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
@@ -131,20 +134,13 @@ class ExportTask(Task):
         export_id = args[0] if args else kwargs.get("export_id")
         logger.error("export %s dead-lettered: %s", export_id, exc)
         if export_id is not None:
-            pipeline.mark_export(context(), int(export_id), ExportState.DEAD, str(exc))
-            EXPORTS.labels(destination=_destination(int(export_id)), outcome="dead").inc()
-
-
-def _destination(export_id: int) -> str:
-    from node.db import Export
-
-    with context().db.session() as session:
-        row = session.get(Export, export_id)
-        return row.destination if row else "unknown"
+            signals.stage_finished(
+                pipeline.export_failed(context(), int(export_id), ExportState.DEAD, str(exc))
+            )
 
 
 @app.task(
-    name="sononode.export",
+    name=TaskName.EXPORT.value,
     base=ExportTask,
     autoretry_for=(ExportTransientError, OperationalError),
     max_retries=_settings.export_max_retries,
@@ -156,36 +152,11 @@ def export(export_id: int) -> None:
     """C-STORE the SR to one destination; retried with exponential backoff."""
     ctx = context()
     try:
-        sent = pipeline.run_export(ctx, export_id)
+        outcome = pipeline.run_export(ctx, export_id)
     except ExportTransientError as exc:
-        destination = _destination(export_id)
-        EXPORT_FAILURES.labels(destination=destination).inc()
-        EXPORTS.labels(destination=destination, outcome="retry").inc()
-        pipeline.mark_export(ctx, export_id, ExportState.RETRYING, str(exc))
+        signals.stage_finished(
+            pipeline.export_failed(ctx, export_id, ExportState.RETRYING, str(exc))
+        )
         raise
-    if sent:
-        EXPORTS.labels(destination=_destination(export_id), outcome="sent").inc()
-
-
-def queue_backlog() -> int:
-    """Messages waiting in the node's queues (0 when the broker cannot say)."""
-    import redis
-
-    from workers.celery_app import CPU_QUEUE, GPU_QUEUE, redis_client_url
-
-    client = redis.Redis.from_url(redis_client_url(get_settings()), socket_timeout=2)
-    return int(sum(client.llen(queue) for queue in (CPU_QUEUE, GPU_QUEUE)))
-
-
-def dispatch_job(job_id: int, *, from_state: str = "queued") -> None:
-    """Send the chain for ``job_id`` to the broker, starting at the stage after ``from_state``."""
-    stages = {
-        "queued": [qc, infer, report, export_all],
-        "qc_done": [infer, report, export_all],
-        "inferred": [report, export_all],
-        "reported": [export_all],
-    }
-    steps = stages.get(from_state)
-    if not steps:
-        return
-    chain(*(step.si(job_id) for step in steps)).apply_async()
+    if outcome is not None:
+        signals.stage_finished(outcome)

@@ -3,8 +3,9 @@
 :class:`Analyser` is built once per worker process with the loaded packs. For one study it
 
 1. samples at most ``max_frames`` usable frames per image (evenly over a cine loop),
-2. crops each frame to the pack's region (``workers.qc.frame_for_model``: QC's scan region,
-   outside of the sector masked, as in training; :func:`model_input`),
+2. crops each frame to the pack's region as training did
+   (:func:`workers.models.preprocess.model_input`: QC's scan region, outside of the sector
+   masked with QC's own mask),
 3. runs all frames of the study through each pack in batches of ``batch_size``,
 4. averages calibrated probabilities over the frames of each image (cine loop),
 5. decides view and finding per image with abstention (confidence floor, abstain labels,
@@ -16,11 +17,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,120 +36,17 @@ from dicom_sr.model import (
     QCOutcome,
     StudyResult,
 )
-from workers.models.packs import Prediction, Region, TaskKind, TaskRole, TaskSpec
+from workers.imaging.pixels import sample_frames
+from workers.imaging.types import Box
+from workers.models.manifest import TaskKind, TaskRole, TaskSpec
+from workers.models.packs import Prediction
+from workers.models.preprocess import input_box, model_input
 
 if TYPE_CHECKING:
-    from workers.imaging import DecodedInstance, InstanceQC, PreparedInstance
+    from workers.imaging.types import PreparedInstance
     from workers.models.packs import ModelPack
 
 logger = logging.getLogger(__name__)
-
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-
-Box = tuple[int, int, int, int]
-"""``(column0, row0, column1, row1)`` in frame pixels, exclusive end (as ``InstanceQC``)."""
-
-
-def _qc_frame_function() -> Callable[..., np.ndarray] | None:
-    """``workers.qc.frame_for_model`` if that module provides it."""
-    try:
-        qc = importlib.import_module("workers.qc")
-    except ImportError:
-        return None
-    return getattr(qc, "frame_for_model", None)
-
-
-def grey_frame(instance: DecodedInstance, index: int) -> np.ndarray:
-    """Frame ``index`` of ``instance`` as float32 grey in ``[0, 1]``."""
-    frame = instance.frames[index]
-    if frame.ndim == 3:
-        return (frame[..., :3].astype(np.float32) @ _LUMA) / 255.0
-    return frame.astype(np.float32) / 255.0
-
-
-def _clipped_region(qc: InstanceQC, shape: tuple[int, ...]) -> Box | None:
-    """QC's scan region clipped to a frame of ``shape``; ``None`` when absent or tiny."""
-    if qc.scan_region is None:
-        return None
-    c0, r0, c1, r1 = qc.scan_region
-    rows, cols = shape[:2]
-    c0, c1 = max(0, c0), min(cols, c1)
-    r0, r1 = max(0, r0), min(rows, r1)
-    if c1 - c0 < 8 or r1 - r0 < 8:
-        return None
-    return c0, r0, c1, r1
-
-
-def crop_scan_region(instance: DecodedInstance, qc: InstanceQC, index: int) -> np.ndarray:
-    """Grey float32 crop of QC's scan region (the whole frame when QC found none)."""
-    grey = grey_frame(instance, index)
-    box = _clipped_region(qc, grey.shape)
-    if box is None:
-        return grey
-    c0, r0, c1, r1 = box
-    return grey[r0:r1, c0:c1]
-
-
-def input_box(item: PreparedInstance, region: Region) -> Box:
-    """The part of the frame a pack with input ``region`` sees, in frame pixels."""
-    rows, cols = item.instance.frames.shape[1:3]
-    box = _clipped_region(item.qc, (rows, cols)) if region is Region.SCAN_REGION else None
-    return box if box is not None else (0, 0, int(cols), int(rows))
-
-
-def with_scan_mask(item: PreparedInstance) -> PreparedInstance:
-    """``item`` with QC's scan mask restored when only its bounding box was kept.
-
-    The pipeline stores QC's outcome as JSON between stages, keeping the scan region's
-    bounding box but not its mask. The models were trained on crops with the outside of the
-    sector masked (:func:`workers.qc.frame_for_model`), so the mask is found again on the
-    same decoded frames (the detection is deterministic); it is used only when it gives the
-    same bounding box as QC did.
-    """
-    qc, frames = item.qc, item.instance.frames
-    if qc.scan_region is None or qc.scan_mask is not None or qc.failed or frames.shape[0] == 0:
-        return item
-    from workers.scan_region import find_scan_region
-
-    found = find_scan_region(frames, item.instance.us_regions)
-    if found is None or tuple(found.bbox) != tuple(qc.scan_region):
-        logger.warning(
-            "scan region of %s found again as %s, QC had %s: cropping QC's box unmasked",
-            item.instance.sop_instance_uid,
-            None if found is None else found.bbox,
-            qc.scan_region,
-        )
-        return item
-    return dataclasses.replace(item, qc=dataclasses.replace(qc, scan_mask=found.mask))
-
-
-def model_input(
-    item: PreparedInstance,
-    index: int,
-    region: Region,
-    *,
-    frame_for_model: Callable[..., np.ndarray] | None = None,
-) -> np.ndarray:
-    """Grey float32 frame in ``[0, 1]`` that a pack with input ``region`` is shown.
-
-    ``scan_region``: ``frame_for_model`` (default :func:`workers.qc.frame_for_model`: QC's
-    scan region, masked outside the sector) when QC found a region and its mask, else the
-    unmasked crop of QC's box, else the whole frame. ``full_frame``: the whole frame.
-    """
-    if region is Region.FULL_FRAME:
-        return grey_frame(item.instance, index)
-    crop_fn = frame_for_model if frame_for_model is not None else _qc_frame_function()
-    if crop_fn is not None and item.qc.scan_region is not None and item.qc.scan_mask is not None:
-        try:
-            return _unit(crop_fn(item.instance, item.qc, index))
-        except (ValueError, IndexError) as exc:
-            logger.warning(
-                "frame_for_model failed on %s frame %d (%s); cropping the scan region",
-                item.instance.sop_instance_uid,
-                index,
-                exc,
-            )
-    return crop_scan_region(item.instance, item.qc, index)
 
 
 def box_from_map(heat: np.ndarray, box: Box, *, fraction: float = 0.5) -> Box:
@@ -188,29 +84,6 @@ def box_from_map(heat: np.ndarray, box: Box, *, fraction: float = 0.5) -> Box:
     areas = ndimage.sum_labels(mask, labels, index=np.arange(1, count + 1))
     rows, cols = ndimage.find_objects(labels)[int(np.argmax(areas))]
     return c0 + cols.start, r0 + rows.start, c0 + cols.stop, r0 + rows.stop
-
-
-def _unit(frame: np.ndarray) -> np.ndarray:
-    """Float grey in [0, 1] whatever scale the QC crop uses."""
-    array = np.asarray(frame)
-    if array.ndim == 3:
-        array = array[..., :3].astype(np.float32) @ _LUMA
-        if np.asarray(frame).dtype == np.uint8:
-            return array / 255.0
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    array = array.astype(np.float32, copy=False)
-    if array.size and float(array.max()) > 1.0 + 1e-3:
-        array = array / 255.0
-    return np.clip(array, 0.0, 1.0)
-
-
-def sample_frames(usable: Sequence[int], max_frames: int) -> list[int]:
-    """At most ``max_frames`` of ``usable``, evenly spread (first and last included)."""
-    if len(usable) <= max_frames:
-        return list(usable)
-    picks = np.linspace(0, len(usable) - 1, max_frames).round().astype(int)
-    return [usable[i] for i in sorted(set(picks.tolist()))]
 
 
 @dataclass(frozen=True)
@@ -257,15 +130,10 @@ class Analyser:
         self.batch_size = batch_size
         self.max_frames = max_frames
         self.review_confidence = review_confidence
-        self._frame_for_model = _qc_frame_function()
 
     @property
     def algorithms(self) -> tuple[AlgorithmInfo, ...]:
         return tuple(pack.algorithm for pack in self.packs)
-
-    # -- frames ----------------------------------------------------------------------------
-    def _crop(self, item: PreparedInstance, index: int, region: Region) -> np.ndarray:
-        return model_input(item, index, region, frame_for_model=self._frame_for_model)
 
     # -- decisions -------------------------------------------------------------------------
     def _decide(self, task: TaskSpec, probs: np.ndarray) -> _Decision:
@@ -335,16 +203,11 @@ class Analyser:
             usable = [] if item.qc.failed else list(item.qc.usable_frames)
             usable = [i for i in usable if 0 <= i < item.instance.frames.shape[0]]
             selected.append(sample_frames(usable, self.max_frames))
-        if any(p.input.region is Region.SCAN_REGION for p in self.packs):
-            prepared = [
-                with_scan_mask(item) if frames else item
-                for item, frames in zip(prepared, selected, strict=True)
-            ]
 
         per_pack: list[list[Prediction | None]] = []
         for pack in self.packs:
             crops = [
-                self._crop(item, index, pack.input.region)
+                model_input(item, index, pack.input.region)
                 for item, frames in zip(prepared, selected, strict=True)
                 for index in frames
             ]

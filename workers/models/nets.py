@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.models.sononet import SonoNet16
+
 logger = logging.getLogger(__name__)
 
 #: Label order of the heads of :class:`MultiTaskMobileNet` (index = logit position).
@@ -216,9 +218,7 @@ def build_network(architecture: str, params: Mapping[str, Any] | None = None) ->
         if architecture == "multitask_mobilenet":
             return MultiTaskMobileNet(**kwargs)
         if architecture == "sononet16":
-            from workers.models.sononet import SonoNet16
-
-            return SonoNet16(**kwargs)  # type: ignore[no-any-return]
+            return SonoNet16(**kwargs)
     except TypeError as exc:
         raise ValueError(
             f"invalid parameters {kwargs!r} for architecture {architecture!r}: {exc}"

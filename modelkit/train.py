@@ -1,7 +1,7 @@
 """Training of the multi-task network, calibration of a pack, and the reference pack recipe.
 
-Pure functions over :class:`~workers.models.data.FrameSet` and networks; the CLI
-(:mod:`workers.models.cli`) and :func:`build_reference_pack` do the I/O.
+Pure functions over :class:`~modelkit.data.FrameSet` and networks; the CLI
+(:mod:`modelkit.cli`) and :func:`build_reference_pack` do the I/O.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from workers.models.calibration import (
+from dicom_sr.codes import PRIVATE_SCHEME
+from modelkit.calibration import (
     expected_calibration_error,
     fit_temperature,
     mean_nll,
     threshold_for_sensitivity,
     youden_threshold,
 )
-from workers.models.data import FrameSet
+from modelkit.data import FrameSet
+from workers.models.manifest import InputSpec, Manifest, NormalisationMode, OODMethod
 from workers.models.nets import (
     CLASSIFICATION_HEADS,
     LUNG_LABELS,
@@ -36,18 +38,9 @@ from workers.models.nets import (
     MultiTaskMobileNet,
     count_parameters,
 )
-from workers.models.packs import (
-    PRIVATE_SCHEME,
-    InputSpec,
-    Manifest,
-    ModelPack,
-    NormalisationMode,
-    OODDetector,
-    OODMethod,
-    OODScorer,
-    normalise,
-    softmax,
-)
+from workers.models.ood import MahalanobisScorer, OODDetector
+from workers.models.packs import ModelPack, softmax
+from workers.models.preprocess import normalise
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +248,7 @@ def train_network(
             outputs = net(x)
             loss, _parts = multitask_loss(outputs, labels, frames.quality[idx], teacher=teacher_out)
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             optimiser.step()
             scheduler.step()
             losses.append(float(loss.detach()))
@@ -479,7 +472,7 @@ def calibrate_members(
             "fitted_on": "calibration split (held-out studies)",
         }
     if train_embeddings is not None:
-        ood = OODScorer.fit(train_embeddings)
+        ood = MahalanobisScorer.fit(train_embeddings)
     if ood is None:
         raise ValueError("calibrate_members needs train_embeddings or an existing OOD scorer")
     scores = ood.score_outputs(outputs)
@@ -538,7 +531,7 @@ def pack_from_networks(
     document["members"] = [
         {"weights": f"weights-{i}.pt", "sha256": "0" * 64} for i in range(len(nets))
     ]
-    if isinstance(ood, OODScorer) and document.get("ood"):
+    if isinstance(ood, MahalanobisScorer) and document.get("ood"):
         document["ood"] = {**document["ood"], "stats": "ood_stats.npz", "sha256": "0" * 64}
     elif ood is not None and document.get("ood"):
         document["ood"] = dict(document["ood"])
@@ -595,14 +588,14 @@ def build_reference_pack(
     """Simulate, train, calibrate, evaluate and write the reference pack to ``out``.
 
     Every frame is pre-processed as the node does at inference (DICOM dataset, decoding,
-    QC, :func:`workers.models.data.node_input`). The held-out vendor never appears in
+    QC, :func:`modelkit.data.node_input`). The held-out vendor never appears in
     training or calibration; evaluation uses fresh studies (seed ``seed + 2``) of every
     vendor in the node's usual view mix. Returns the evaluation report.
     """
-    from workers.models.data import simulate_frameset, split_by_study, vendor_names
-    from workers.models.evaluate import evaluate_pack, markdown_report, model_card
-    from workers.models.packs import write_pack
-    from workers.simulator import HELD_OUT_VENDOR, VENDOR_STYLES
+    from modelkit.data import simulate_frameset, split_by_study, vendor_names
+    from modelkit.evaluate import evaluate_pack, markdown_report, model_card
+    from modelkit.pack_writer import write_pack
+    from simulator import HELD_OUT_VENDOR, VENDOR_STYLES
 
     started = time.perf_counter()
     spec = default_input_spec()
@@ -627,7 +620,7 @@ def build_reference_pack(
     description = (
         f"{len(train_set)} simulated B-mode frames ({thyroid} thyroid) from "
         f"{len(set(train_set.study.tolist()))} simulated studies of vendors "
-        f"{', '.join(v for v in vendors if v != HELD_OUT_VENDOR)} (workers.simulator, seed "
+        f"{', '.join(v for v in vendors if v != HELD_OUT_VENDOR)} (simulator, seed "
         f"{seed}); vendor {HELD_OUT_VENDOR} held out entirely. Each frame was written as DICOM, "
         f"decoded, checked by the node's QC and cropped/masked/resized by the node's own "
         f"pre-processing ({data.qc_excluded} frames QC would not analyse were left out). "
@@ -656,7 +649,7 @@ def build_reference_pack(
             "held_out_vendor": HELD_OUT_VENDOR,
             "split": "by study",
             "preprocessing": "node's own: workers.models.inference.model_input "
-            "(workers.qc.frame_for_model) then workers.models.packs.preprocess",
+            "(workers.imaging.qc.frame_for_model) then workers.models.packs.preprocess",
             "epochs": epochs,
             "training_seconds": round(report.seconds, 1),
             "simulation_seconds": round(simulated_s, 1),

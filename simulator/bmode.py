@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from workers.simulator.vendors import ProbeKind
+from simulator.vendors import ProbeKind
 
 logger = logging.getLogger(__name__)
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.simulator.dicom import (
+from simulator.dicom import (
     deterministic_uid,
     new_study_context,
     resolve_transfer_syntax,
     write_instance,
 )
-from workers.simulator.simulate import SimFrame, simulate_image, simulate_loop
-from workers.simulator.vendors import get_vendor
-from workers.simulator.views import VIEWS
+from simulator.simulate import SimFrame, simulate_image, simulate_loop
+from simulator.vendors import get_vendor
+from simulator.views import VIEWS
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def simulate_study(
     size
         Frame ``(rows, cols)``; ``None`` uses the vendor's native screen matrix.
     transfer_syntax
-        Name or UID (see :data:`~workers.simulator.dicom.TRANSFER_SYNTAXES`).
+        Name or UID (see :data:`~simulator.dicom.TRANSFER_SYNTAXES`).
     photometric
         ``MONOCHROME2``, ``RGB`` or ``YBR_FULL_422``; ``None`` follows the vendor.
     patient_id, study_instance_uid

@@ -19,17 +19,19 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import simulator as sim
+from simulator.dicom import deterministic_uid
+from workers.imaging.pixels import PixelDataError, decode_dataset, load_instance
+from workers.imaging.qc import assess_instance
+from workers.imaging.types import DecodedInstance, InstanceQC, PreparedInstance
+from workers.models.manifest import InputSpec, Region
 from workers.models.nets import CLASSIFICATION_HEADS, LUNG_LABELS, NODULE_LABELS, VIEW_LABELS
-from workers.models.packs import InputSpec, preprocess
-
-if TYPE_CHECKING:
-    from workers.imaging import DecodedInstance, InstanceQC
+from workers.models.preprocess import model_input, resize
 
 logger = logging.getLogger(__name__)
 
@@ -128,41 +130,21 @@ def node_input(
 ) -> torch.Tensor:
     """Frame ``index`` of a decoded instance exactly as the node shows it to a pack.
 
-    The node's own functions: :func:`workers.models.inference.model_input` (through
-    :func:`workers.qc.frame_for_model`: grey crop of QC's scan region, zero outside the
-    sector mask, in ``[0, 1]``), then the resize of :func:`workers.models.packs.preprocess`
-    (bilinear, antialiased) to ``size`` ``(height, width)``. Returned as ``(height, width)``
-    ``uint8``: the only difference from inference is this 8-bit rounding after the resize
-    (at most 0.5/255, below the pixels' own 8-bit step).
+    The node's own pre-processing (:mod:`workers.models.preprocess`): :func:`model_input`
+    (grey crop of QC's scan region, zero outside the sector mask, in ``[0, 1]``), then
+    :func:`resize` (bilinear, antialiased) to ``size`` ``(height, width)``. Returned as
+    ``(height, width)`` ``uint8``: the only difference from inference is this 8-bit rounding
+    after the resize (at most 0.5/255, below the pixels' own 8-bit step); training
+    normalises with the same :func:`workers.models.preprocess.normalise`.
     """
-    from workers.imaging import PreparedInstance
-    from workers.models.inference import model_input
-    from workers.models.packs import Region
-
     crop = model_input(PreparedInstance(instance, qc), index, Region.SCAN_REGION)
-    unit = preprocess([crop], InputSpec(height=int(size[0]), width=int(size[1])))
+    unit = resize(crop, InputSpec(height=int(size[0]), width=int(size[1])))
     return (unit[0, 0].clamp(0, 1) * 255.0).round().to(torch.uint8)
-
-
-def assess(instance: DecodedInstance) -> InstanceQC:
-    """The node's quality control of a decoded instance (:func:`workers.qc.assess_instance`)."""
-    from workers.qc import assess_instance
-
-    return assess_instance(instance)
 
 
 # ----------------------------------------------------------------------------------------
 # Simulated data
 # ----------------------------------------------------------------------------------------
-def simulator_available() -> bool:
-    """True when :mod:`workers.simulator` imports and offers ``simulate_image``."""
-    try:
-        import workers.simulator as sim
-    except ImportError:
-        return False
-    return hasattr(sim, "simulate_image")
-
-
 def _label_index(labels: Sequence[str], value: object) -> int:
     return labels.index(str(value)) if value is not None and str(value) in labels else -1
 
@@ -198,15 +180,13 @@ def _simulate_study(job: _StudyJob) -> tuple[list[_Row], int]:
     QC would not let through: ``[(uint8 image, view, nodule, lung, quality, vendor)]``.
 
     Each frame goes the node's way: a DICOM dataset (the simulator's writer, in memory),
-    :func:`workers.pixels.decode_dataset`, QC, then :func:`node_input`.
+    :func:`workers.imaging.pixels.decode_dataset`, QC, then :func:`node_input`.
     """
-    from workers.pixels import decode_dataset
-    from workers.simulator import build_instance, new_study_context, simulate_image
-    from workers.simulator.dicom import deterministic_uid
 
     # One generator per study: the data do not depend on the number of worker processes.
     rng = np.random.default_rng([job.seed, job.study])
-    context = new_study_context(np.random.default_rng([job.seed, job.study, 1]), vendor=job.vendor)
+    context = sim.new_study_context(np.random.default_rng([job.seed, job.study, 1]),
+                                    vendor=job.vendor)
     out: list[_Row] = []
     excluded = 0
     for k in range(job.images):
@@ -214,10 +194,10 @@ def _simulate_study(job: _StudyJob) -> tuple[list[_Row], int]:
         nodule = NODULE_LABELS[int(rng.integers(3))] if view in THYROID_VIEWS else None
         pattern = LUNG_LABELS[int(rng.integers(3))] if view == "lung" else None
         size = job.sizes[int(rng.choice(len(job.sizes), p=np.asarray(job.weights)))]
-        frame = simulate_image(
+        frame = sim.simulate_image(
             view, vendor=job.vendor, rng=rng, size=size, nodule=nodule, lung_pattern=pattern
         )
-        dataset = build_instance(
+        dataset = sim.build_instance(
             frame,
             vendor=job.vendor,
             study=context,
@@ -226,7 +206,7 @@ def _simulate_study(job: _StudyJob) -> tuple[list[_Row], int]:
             sop_instance_uid=deterministic_uid(context.study_instance_uid, "sop", k),
         )
         instance = decode_dataset(dataset)
-        qc = assess(instance)
+        qc = assess_instance(instance)
         if qc.failed or qc.scan_region is None:
             excluded += 1
             continue
@@ -272,19 +252,18 @@ def simulate_frameset(
     """Simulate ``n_studies`` studies of ``images_per_study`` frames each, labels balanced.
 
     Each study has one vendor (round robin over ``vendors``, default the simulator's
-    training vendors, i.e. all but ``HELD_OUT_VENDOR``) and views drawn with ``view_weights``;
-    thyroid frames draw
-    none/benign/malignant nodules evenly, lung frames normal/B-lines/consolidation evenly.
+    training vendors, i.e. all but ``simulator.HELD_OUT_VENDOR``) and views drawn with
+    ``view_weights``; thyroid frames draw none/benign/malignant nodules evenly, lung frames
+    normal/B-lines/consolidation evenly.
     Each frame is written as the simulator's DICOM dataset, decoded and checked by the node's
     QC and pre-processed by :func:`node_input` at ``input_size`` ``(height, width)``, exactly
     as the node would analyse it; frames QC fails are left out (counted in
     ``FrameSet.qc_excluded``). Study ``s`` uses generator ``(seed, s)``, so the result does
     not depend on ``processes``.
     """
-    from workers.simulator import HELD_OUT_VENDOR, VENDOR_STYLES
 
     if vendors is None:
-        vendors = [v for v in vendor_names(VENDOR_STYLES) if v != HELD_OUT_VENDOR]
+        vendors = [v for v in vendor_names(sim.VENDOR_STYLES) if v != sim.HELD_OUT_VENDOR]
     if not vendors:
         raise ValueError("no vendor to simulate")
     if n_studies < 1 or images_per_study < 1:
@@ -376,7 +355,6 @@ def read_labelled_folder(
     """
     import pydicom
 
-    from workers.pixels import PixelDataError, load_instance
 
     csv_paths = [labels_csv] if isinstance(labels_csv, Path) else list(labels_csv)
     if not csv_paths:
@@ -438,7 +416,7 @@ def read_labelled_folder(
             task_labels[task] = names.index(value) if value else -1
         q = (row.get("quality") or "").strip()
         study_uid = row.get("study_instance_uid") or instance.study_instance_uid or str(path)
-        qc = assess(instance)
+        qc = assess_instance(instance)
         usable = [] if qc.failed or qc.scan_region is None else list(qc.usable_frames)
         excluded += len(instance.frame_indices) - len(usable)
         for index in usable:

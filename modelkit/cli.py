@@ -51,7 +51,7 @@ def _add_data_args(
 
 
 def _frames(args: argparse.Namespace, input_size: tuple[int, int], *, all_vendors: bool = False):  # type: ignore[no-untyped-def]
-    from workers.models.data import read_labelled_folder, simulate_frameset, vendor_names
+    from modelkit.data import read_labelled_folder, simulate_frameset, vendor_names
 
     if args.data is not None:
         labels = [args.labels] if args.labels is not None else sorted(args.data.rglob("labels.csv"))
@@ -62,7 +62,7 @@ def _frames(args: argparse.Namespace, input_size: tuple[int, int], *, all_vendor
         raise SystemExit("give --data DIR --labels CSV, or --simulated N")
     vendors = None
     if all_vendors or args.include_held_out:
-        from workers.simulator import VENDOR_STYLES
+        from simulator import VENDOR_STYLES
 
         vendors = vendor_names(VENDOR_STYLES)
     return simulate_frameset(args.simulated, seed=args.seed, input_size=input_size, vendors=vendors)
@@ -74,7 +74,7 @@ def _input_size(pack: Any) -> tuple[int, int]:
 
 def _held_out() -> str | None:
     try:
-        from workers.simulator import HELD_OUT_VENDOR
+        from simulator import HELD_OUT_VENDOR
     except ImportError:
         return None
     return str(HELD_OUT_VENDOR)
@@ -91,7 +91,7 @@ def _write_json(path: Path | None, data: Any) -> None:
 
 def _three_way_split(frames: Any, seed: int) -> list[Any]:
     """Train / calibration / test parts (70/15/15 of the studies); refuses too few studies."""
-    from workers.models.data import split_by_study
+    from modelkit.data import split_by_study
 
     parts = split_by_study(frames, [0.7, 0.15, 0.15], seed=seed)
     if any(len(p) == 0 for p in parts):
@@ -105,10 +105,9 @@ def _three_way_split(frames: Any, seed: int) -> list[Any]:
 
 # ----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from workers.models.evaluate import evaluate_pack, markdown_report, model_card, to_json
-    from workers.models.nets import MultiTaskMobileNet
-    from workers.models.packs import ModelPack, write_pack
-    from workers.models.train import (
+    from modelkit.evaluate import evaluate_pack, markdown_report, model_card, to_json
+    from modelkit.pack_writer import write_pack
+    from modelkit.train import (
         INPUT_SIZE,
         apply_calibration,
         calibrate_members,
@@ -119,6 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         size_report,
         train_network,
     )
+    from workers.models.nets import MultiTaskMobileNet
+    from workers.models.packs import ModelPack
 
     spec = default_input_spec()
     width, pool, stride = args.width, args.pool, args.output_stride
@@ -197,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _rewrite(pack: Any, manifest: dict[str, Any], out: Path) -> None:
-    from workers.models.packs import write_pack
+    from modelkit.pack_writer import write_pack
 
     extras = {}
     if pack.path is not None:
@@ -210,8 +211,8 @@ def _rewrite(pack: Any, manifest: dict[str, Any], out: Path) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace, *, target_sensitivity: float | None = None) -> int:
+    from modelkit.train import CalibrationResult, apply_calibration, calibrate_members
     from workers.models.packs import ModelPack
-    from workers.models.train import CalibrationResult, apply_calibration, calibrate_members
 
     pack = ModelPack.load(args.pack, device="cpu")
     if pack.manifest.architecture != "multitask_mobilenet":
@@ -260,7 +261,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from workers.models.evaluate import evaluate_pack, markdown_report, to_json, write_plots
+    from modelkit.evaluate import evaluate_pack, markdown_report, to_json, write_plots
     from workers.models.packs import ModelPack
 
     pack = ModelPack.load(args.pack, device=args.device)
@@ -280,10 +281,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from workers.models.evaluate import evaluate_pack, markdown_report, model_card
-    from workers.models.nets import MultiTaskMobileNet
-    from workers.models.packs import ModelPack, write_pack
-    from workers.models.train import (
+    from modelkit.evaluate import evaluate_pack, markdown_report, model_card
+    from modelkit.pack_writer import write_pack
+    from modelkit.train import (
         apply_calibration,
         calibrate_members,
         multitask_manifest,
@@ -291,6 +291,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         pack_from_networks,
         train_network,
     )
+    from workers.models.nets import MultiTaskMobileNet
+    from workers.models.packs import ModelPack
 
     teachers = [ModelPack.load(p, device="cpu") for p in args.teacher]
     for t in teachers:
@@ -373,7 +375,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def _ensemble_pack(teachers: Sequence[Any]) -> Any:
     """The teachers as one in-memory ensemble pack (each member keeps its temperatures)."""
-    from workers.models.train import pack_from_networks
+    from modelkit.train import pack_from_networks
 
     manifest = json.loads(json.dumps(dict(teachers[0].manifest.raw)))
     for name, task in manifest["tasks"].items():
@@ -400,7 +402,7 @@ def distillation_report(
 ) -> dict[str, Any]:
     """Size and test metrics of student and teacher side by side, and how often the student's
     decision (most probable label) agrees with the teacher's on the same frames."""
-    from workers.models.train import size_report
+    from modelkit.train import size_report
 
     def row(pack: Any, evaluation: dict[str, Any]) -> dict[str, Any]:
         overall = evaluation["overall"]
@@ -464,8 +466,8 @@ def _cell(value: Any) -> str:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from workers.models.evaluate import markdown_report, to_json
-    from workers.models.train import build_reference_pack
+    from modelkit.evaluate import markdown_report, to_json
+    from modelkit.train import build_reference_pack
 
     result = build_reference_pack(
         args.out,
@@ -485,8 +487,9 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from workers.models.manifest import PackError
     from workers.models.nets import count_parameters
-    from workers.models.packs import ModelPack, PackError
+    from workers.models.packs import ModelPack
 
     try:
         pack = ModelPack.load(args.pack, device="cpu")
@@ -546,7 +549,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------
 def _add_network_args(p: argparse.ArgumentParser, *, width: float) -> None:
     """Shape of the network to train (train) or of the student (distill)."""
-    from workers.models.train import REFERENCE_OUTPUT_STRIDE
+    from modelkit.train import REFERENCE_OUTPUT_STRIDE
 
     p.add_argument("--width", type=float, default=width, help="width multiplier")
     p.add_argument("--pool", choices=POOLING, default="avgmax", help="pooling for the heads")
@@ -560,7 +563,7 @@ def _add_network_args(p: argparse.ArgumentParser, *, width: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from workers.models.train import (
+    from modelkit.train import (
         REFERENCE_CALIBRATION_STUDIES,
         REFERENCE_EPOCHS,
         REFERENCE_SEED,
@@ -666,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from workers.models.packs import PackError
+    from workers.models.manifest import PackError
 
     try:
         return int(args.func(args))

@@ -8,7 +8,7 @@ lung pattern, image quality and the scan region. See :func:`simulate_image`,
 
 from __future__ import annotations
 
-from workers.simulator.dicom import (
+from simulator.dicom import (
     TRANSFER_SYNTAXES,
     StudyContext,
     build_instance,
@@ -16,10 +16,10 @@ from workers.simulator.dicom import (
     resolve_transfer_syntax,
     write_instance,
 )
-from workers.simulator.simulate import SimFrame, simulate_image, simulate_loop
-from workers.simulator.study import InstanceLabel, SimulatedStudy, simulate_study
-from workers.simulator.vendors import HELD_OUT_VENDOR, TRAINING_VENDORS, VENDOR_STYLES, VendorStyle
-from workers.simulator.views import VIEWS, LungPattern, NoduleClass, View
+from simulator.simulate import SimFrame, simulate_image, simulate_loop
+from simulator.study import InstanceLabel, SimulatedStudy, simulate_study
+from simulator.vendors import HELD_OUT_VENDOR, TRAINING_VENDORS, VENDOR_STYLES, VendorStyle
+from simulator.views import VIEWS, LungPattern, NoduleClass, View
 
 __all__ = [
     "HELD_OUT_VENDOR",

@@ -40,8 +40,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from workers.simulator.simulate import SimFrame
-from workers.simulator.vendors import get_vendor
+from simulator.simulate import SimFrame
+from simulator.vendors import get_vendor
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from workers.simulator.bmode import BeamGeometry, BodyPose, Canvas
-from workers.simulator.vendors import ProbeKind, VendorStyle
+from simulator.bmode import BeamGeometry, BodyPose, Canvas
+from simulator.vendors import ProbeKind, VendorStyle
 
 logger = logging.getLogger(__name__)
 

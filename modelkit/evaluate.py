@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.models.calibration import (
+from modelkit.calibration import (
     cluster_bootstrap,
     confusion_matrix,
     expected_calibration_error,
@@ -27,8 +27,10 @@ from workers.models.calibration import (
     roc_auc,
     roc_curve,
 )
-from workers.models.data import FrameSet
-from workers.models.packs import ModelPack, TaskKind, normalise, softmax
+from modelkit.data import FrameSet
+from workers.models.manifest import TaskKind
+from workers.models.packs import ModelPack, softmax
+from workers.models.preprocess import normalise
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def _task_metrics(
         if 0 < positive.sum() < positive.size:
             score = p[:, k]
             called = score >= op.threshold
-            binary = {
+            binary: dict[str, Callable[[np.ndarray], float]] = {
                 f"{op.label}_auc": lambda i: roc_auc(score[i], positive[i]),
                 f"{op.label}_sensitivity": lambda i: _rate(called[i][positive[i] == 1]),
                 f"{op.label}_specificity": lambda i: _rate(~called[i][positive[i] == 0]),

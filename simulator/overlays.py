@@ -10,7 +10,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from workers.simulator.vendors import Corner, Side, VendorStyle, grey_map
+from simulator.vendors import Corner, Side, VendorStyle, grey_map
 
 logger = logging.getLogger(__name__)
 

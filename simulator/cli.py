@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.simulator.dicom import TRANSFER_SYNTAXES, resolve_transfer_syntax
-from workers.simulator.study import simulate_study
-from workers.simulator.vendors import VENDOR_STYLES
-from workers.simulator.views import VIEWS
+from simulator.dicom import TRANSFER_SYNTAXES, resolve_transfer_syntax
+from simulator.study import simulate_study
+from simulator.vendors import VENDOR_STYLES
+from simulator.views import VIEWS
 
 logger = logging.getLogger(__name__)
 

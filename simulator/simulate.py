@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from workers.simulator.bmode import (
+from simulator.bmode import (
     Acquisition,
     BeamGrid,
     Canvas,
@@ -21,9 +21,9 @@ from workers.simulator.bmode import (
     scan_converter,
     smooth_field,
 )
-from workers.simulator.overlays import OverlayInfo, caliper_length_mm, draw_overlays
-from workers.simulator.vendors import ProbeKind, VendorStyle, get_vendor, grey_map
-from workers.simulator.views import Anatomy, View, sample_anatomy
+from simulator.overlays import OverlayInfo, caliper_length_mm, draw_overlays
+from simulator.vendors import ProbeKind, VendorStyle, get_vendor, grey_map
+from simulator.views import Anatomy, View, sample_anatomy
 
 logger = logging.getLogger(__name__)
 
@@ -325,9 +325,9 @@ def simulate_image(
     Parameters
     ----------
     view
-        One of :data:`~workers.simulator.VIEWS`.
+        One of :data:`~simulator.VIEWS`.
     vendor
-        A key of :data:`~workers.simulator.VENDOR_STYLES`.
+        A key of :data:`~simulator.VENDOR_STYLES`.
     rng
         Random generator; the same seed gives the same frame.
     size

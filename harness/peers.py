@@ -1,4 +1,4 @@
-"""Real peers for tests: free ports, an Orthanc PACS, the node itself as processes.
+"""Real peers for tests and benchmarks: free ports, an Orthanc PACS, the node as processes.
 
 Every wait here is a readiness poll with a deadline, never a fixed sleep.
 """
@@ -77,7 +77,8 @@ class Orthanc:
         response.raise_for_status()
         return response.json()
 
-    def find_instances(self, study_uid: str, modality: str | None = None) -> list[dict]:
+    def find_instances(self, study_uid: str,
+                       modality: str | None = None) -> list[dict[str, Any]]:
         """Instances of a study in Orthanc (``modality`` filters series, e.g. ``SR``)."""
         query: dict[str, str] = {"StudyInstanceUID": study_uid}
         if modality:
@@ -247,19 +248,3 @@ def dcmsend(port: int, files: list[Path], *, aet: str = "SONONODE", check: bool 
     if check and result.returncode != 0:
         raise AssertionError(f"dcmsend failed ({result.returncode}): {result.stderr}")
     return result
-
-
-def require_tools(*tools: str) -> None:
-    """Skip when a peer tool is missing; in CI (``CI=true``) fail instead, never hide it."""
-    import pytest
-
-    missing = [t for t in tools if shutil.which(t) is None]
-    if not missing:
-        return
-    message = (
-        f"missing peer tools: {', '.join(missing)} "
-        "(apt-get install dcmtk dicom3tools orthanc)"
-    )
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)

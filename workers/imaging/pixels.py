@@ -9,6 +9,7 @@ typed :class:`PixelDataError`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from pydicom.pixels import (
     get_decoder,
 )
 
-from workers.imaging import DecodedInstance, UltrasoundRegion
+from workers.imaging.types import DecodedInstance, UltrasoundRegion
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,31 @@ def sample_frame_indices(number_of_frames: int, max_frames: int) -> tuple[int, .
         return tuple(range(number_of_frames))
     picks = np.linspace(0, number_of_frames - 1, max_frames).round().astype(int)
     return tuple(int(i) for i in np.unique(picks))
+
+
+def sample_frames(usable: Sequence[int], max_frames: int) -> list[int]:
+    """At most ``max_frames`` of the frame indices ``usable``, spread as
+    :func:`sample_frame_indices` spreads them (first and last included)."""
+    if not usable:
+        return []
+    return [usable[i] for i in sample_frame_indices(len(usable), max_frames)]
+
+
+def grey_frames(frames: np.ndarray) -> np.ndarray:
+    """``(N, rows, cols)`` float32 grey of ``(N, rows, cols, 3)`` (or grey) frames: channel mean."""
+    arr = np.asarray(frames)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim == 4:
+        # Channel by channel: far faster than a mean over a length-3 last axis.
+        out = arr[..., 0].astype(np.float32)
+        out += arr[..., 1]
+        out += arr[..., 2]
+        out *= np.float32(1.0 / 3.0)
+        return out
+    if arr.ndim == 3:
+        return arr.astype(np.float32, copy=False)
+    raise ValueError(f"frames must be (N, rows, cols[, 3]), got shape {arr.shape}")
 
 
 def load_instance(path: Path, *, max_frames: int = 16) -> DecodedInstance:
@@ -232,7 +258,8 @@ def _scale_to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     top = float(2**bits - 1)
-    return np.clip(np.rint(arr.astype(np.float32) * (255.0 / top)), 0, 255).astype(np.uint8)
+    scaled: np.ndarray = np.rint(arr.astype(np.float32) * (255.0 / top))
+    return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
 def _grey_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -252,7 +279,8 @@ def _grey_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
     scaled = (values - lo) * np.float32(255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    rounded: np.ndarray = np.rint(scaled)
+    return np.clip(rounded, 0, 255).astype(np.uint8)
 
 
 def _window_output_range(ds: Dataset) -> tuple[float, float]:

@@ -7,10 +7,10 @@ the report and the drift monitor see the figures. Checks made per frame (``blank
 ``saturated``, ``low_contrast``) exclude the failing frames from ``usable_frames`` (a
 loop with some failing frames is warned about); the instance fails when no frame is left.
 Pixel data that cannot be decoded never reaches these checks: it fails with the reason
-code of :class:`workers.pixels.PixelErrorReason` (``undecodable``,
+code of :class:`workers.imaging.pixels.PixelErrorReason` (``undecodable``,
 ``unsupported_photometric``, ``no_pixel_data``, ``not_image``).
 
-The measures are plain statistics over the scan region (see :mod:`workers.scan_region`);
+The measures are plain statistics over the scan region (see :mod:`workers.imaging.scan_region`);
 no library provides ultrasound QC, so they are written here on numpy and scipy.ndimage.
 """
 
@@ -25,8 +25,9 @@ import numpy as np
 from scipy import ndimage
 
 from dicom_sr.model import QCCheck, QCOutcome
-from workers.imaging import DecodedInstance, InstanceQC, PreparedInstance, UltrasoundRegion
-from workers.scan_region import RegionSource, ScanRegion, find_scan_region, grey_frames
+from workers.imaging.pixels import grey_frames
+from workers.imaging.scan_region import RegionSource, ScanRegion, find_scan_region
+from workers.imaging.types import DecodedInstance, InstanceQC, PreparedInstance, UltrasoundRegion
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def assess_instance(
     Parameters
     ----------
     inst
-        Decoded frames and header fields (:func:`workers.pixels.load_instance`).
+        Decoded frames and header fields (:func:`workers.imaging.pixels.load_instance`).
     thresholds
         Limits of the checks.
     accept_modalities
@@ -553,22 +554,3 @@ def assess_study(
     ]
     assessable = all(c.outcome is not QCOutcome.FAIL for c in checks)
     return assessable, tuple(checks)
-
-
-def frame_for_model(inst: DecodedInstance, qc: InstanceQC, index: int) -> np.ndarray:
-    """Grey ``float32`` (0-255) crop of the scan region's bounding box for one usable frame,
-    zero outside the region mask: the models' input before resizing.
-
-    Raises
-    ------
-    ValueError
-        If ``index`` is not among ``qc.usable_frames`` or QC found no scan region.
-    """
-    if index not in qc.usable_frames:
-        raise ValueError(f"frame {index} is not usable (usable: {qc.usable_frames})")
-    if qc.scan_region is None or qc.scan_mask is None:
-        raise ValueError("QC found no scan region")
-    c0, r0, c1, r1 = qc.scan_region
-    crop = grey_frames(inst.frames[index : index + 1, r0:r1, c0:c1])[0]
-    crop[~qc.scan_mask[r0:r1, c0:c1]] = 0.0
-    return crop

@@ -15,10 +15,13 @@ import torch
 from torch import nn
 
 from dicom_sr.model import QCOutcome
-from workers.imaging import DecodedInstance, InstanceQC, PreparedInstance
+from modelkit.pack_writer import write_pack
+from modelkit.train import multitask_manifest
+from workers.imaging.types import DecodedInstance, InstanceQC, PreparedInstance
+from workers.models.manifest import Manifest
 from workers.models.nets import CLASSIFICATION_HEADS, MultiTaskMobileNet
-from workers.models.packs import Manifest, ModelPack, OODScorer, write_pack
-from workers.models.train import multitask_manifest
+from workers.models.ood import MahalanobisScorer
+from workers.models.packs import ModelPack
 
 
 def tiny_manifest(*, n_members: int = 1, width: float = 0.25) -> dict[str, Any]:
@@ -47,7 +50,7 @@ def write_tiny_pack(folder: Path, *, n_members: int = 1, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     nets = [MultiTaskMobileNet(width=0.25) for _ in range(n_members)]
     rng = np.random.default_rng(seed)
-    ood = OODScorer.fit(rng.normal(size=(200, nets[0].embedding_dim)))
+    ood = MahalanobisScorer.fit(rng.normal(size=(200, nets[0].embedding_dim)))
     return write_pack(
         folder, tiny_manifest(n_members=n_members), [n.state_dict() for n in nets], ood=ood
     )
@@ -101,7 +104,7 @@ def stub_pack(
             "threshold": ood_threshold,
             "tpr": 0.95,
         }
-        ood = OODScorer(np.full(8, ood_center), np.eye(8))
+        ood = MahalanobisScorer(np.full(8, ood_center), np.eye(8))
     else:
         document["ood"] = None
     full = {t: logits.get(t, np.zeros(len(labels))) for t, labels in CLASSIFICATION_HEADS.items()}

@@ -15,6 +15,8 @@ shadows) that reach the sector's edge do not cut into the region, as they do int
 convex hull. Where no probe geometry fits (zoomed images clipped by the frame, odd
 shapes), the convex hull of the textured area is the region.
 
+This is the node's one scan-region detector: QC runs it once per instance, and the models
+see QC's region and mask (:mod:`workers.models.preprocess`), in serving and in training.
 No library ships an ultrasound scan-region detector, so the pipeline below is written
 here; it is built only from scipy.ndimage filters and morphology, scipy.spatial's convex
 hull and PIL's polygon fill.
@@ -34,7 +36,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from workers.imaging import UltrasoundRegion
+from workers.imaging.pixels import grey_frames
+from workers.imaging.types import UltrasoundRegion
 
 logger = logging.getLogger(__name__)
 
@@ -111,23 +114,6 @@ class ScanRegion:
     @property
     def area(self) -> int:
         return int(self.mask.sum())
-
-
-def grey_frames(frames: np.ndarray) -> np.ndarray:
-    """``(N, rows, cols)`` float32 grey of ``(N, rows, cols, 3)`` (or grey) frames: channel mean."""
-    arr = np.asarray(frames)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim == 4:
-        # Channel by channel: far faster than a mean over a length-3 last axis.
-        out = arr[..., 0].astype(np.float32)
-        out += arr[..., 1]
-        out += arr[..., 2]
-        out *= np.float32(1.0 / 3.0)
-        return out
-    if arr.ndim == 3:
-        return arr.astype(np.float32, copy=False)
-    raise ValueError(f"frames must be (N, rows, cols[, 3]), got shape {arr.shape}")
 
 
 def bbox_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -313,7 +299,8 @@ def _density(mask: np.ndarray, factor: int) -> np.ndarray:
     for i in range(factor):
         for j in range(factor):
             counts += mask[i:r:factor, j:c:factor]
-    return ndimage.uniform_filter(counts * np.float32(1.0 / factor**2), 3)
+    density: np.ndarray = ndimage.uniform_filter(counts * np.float32(1.0 / factor**2), 3)
+    return density
 
 
 def _large_components(mask: np.ndarray, min_area: float) -> np.ndarray | None:

@@ -80,10 +80,10 @@ def fit_temperature(
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
         loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         return loss
 
-    optimiser.step(closure)
+    optimiser.step(closure)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     temperature = float(log_t.exp().item())
     if not math.isfinite(temperature):
         logger.warning("temperature fit diverged; using 1.0")

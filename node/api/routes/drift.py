@@ -1,0 +1,18 @@
+"""Drift of inputs and outputs by vendor."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from node.api.deps import ContextDep
+from node.api.schemas import DriftReport, VendorDrift
+from node.drift import PSI_ALERT, compute_drift
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/drift", response_model=DriftReport)
+def drift(context: ContextDep) -> DriftReport:
+    """Drift of inputs and outputs by vendor (PSI, recent vs reference window)."""
+    vendors = [VendorDrift.model_validate(entry) for entry in compute_drift(context.db)]
+    return DriftReport(vendors=vendors, threshold_hint=PSI_ALERT)

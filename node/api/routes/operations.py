@@ -1,0 +1,66 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from node.api.collectors import NodeCollector, SharedMetricsCollector
+from node.api.deps import ContextDep
+from node.api.schemas import Health, Readiness
+from node.broker import ping
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_model=Health)
+def health() -> Health:
+    """Liveness: the API process answers."""
+    return Health()
+
+
+@router.get("/ready", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "Not ready"}})
+def ready(context: ContextDep) -> Response:
+    """Readiness: database, broker and spool reachable."""
+    checks: dict[str, str] = {}
+    try:
+        context.db.ping()
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {exc}"
+    if context.redis_url:
+        try:
+            ping(context.redis_url)
+            checks["broker"] = "ok"
+        except Exception as exc:
+            checks["broker"] = f"error: {exc}"
+    spool = context.settings.spool_dir
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        probe = spool / f".ready-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        checks["spool"] = "ok"
+    except OSError as exc:
+        checks["spool"] = f"error: {exc}"
+    body = Readiness(ready=all(v == "ok" for v in checks.values()), checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
+                             "description": "Prometheus text exposition format"}})
+def metrics(context: ContextDep) -> Response:
+    """Prometheus metrics of every node process plus index and broker gauges."""
+    registry = CollectorRegistry()
+    if context.multiprocess_metrics:
+        registry.register(SharedMetricsCollector(context.settings.metrics_dir))
+    else:
+        for collector in list(REGISTRY._collector_to_names):
+            registry.register(collector)
+    registry.register(NodeCollector(context.db, context.redis_url))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

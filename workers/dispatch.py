@@ -1,0 +1,72 @@
+"""Sending work to the Celery workers by task name: what the scheduler and the API use.
+
+Signatures by name (``app.signature``) rather than the task objects, so that sending a job
+never imports the stages, their models or torch; the task names and the stage each one ends
+in are declared here once and the tasks (:mod:`workers.tasks`) register under them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from enum import StrEnum
+
+from celery import chain
+
+from node.broker import queue_depths, redis_client_url
+from node.config import get_settings
+from node.db import JobState
+from node.jobs import STAGES
+from node.scheduler import Dispatcher
+from workers.celery_app import app
+
+logger = logging.getLogger(__name__)
+
+
+class TaskName(StrEnum):
+    """Names under which the node's Celery tasks are registered."""
+
+    QC = "sononode.qc"
+    """Quality control of every image of the study (CPU queue)."""
+    INFER = "sononode.infer"
+    """Model inference on the usable frames (GPU queue)."""
+    REPORT = "sononode.report"
+    """Build and store the SR, create the exports (CPU queue)."""
+    EXPORT_ALL = "sononode.export_all"
+    """Fan out one export per destination still to serve (CPU queue)."""
+    EXPORT = "sononode.export"
+    """C-STORE one SR to one destination, with retries (CPU queue)."""
+
+
+#: The task that moves a job out of each state (the chain from a state is the tasks of
+#: every state from there on, in :data:`node.jobs.STAGES` order).
+NEXT_TASK: Mapping[JobState, TaskName] = {
+    JobState.QUEUED: TaskName.QC,
+    JobState.QC_DONE: TaskName.INFER,
+    JobState.INFERRED: TaskName.REPORT,
+    JobState.REPORTED: TaskName.EXPORT_ALL,
+}
+
+
+def dispatch_job(job_id: int, from_state: JobState = JobState.QUEUED) -> None:
+    """Send the rest of the job's chain, starting with the task that leaves ``from_state``."""
+    if from_state not in NEXT_TASK:
+        return
+    names = [NEXT_TASK[s] for s in STAGES[STAGES.index(from_state):] if s in NEXT_TASK]
+    chain(*(app.signature(name.value, args=(job_id,), immutable=True) for name in names)
+          ).apply_async()
+
+
+def dispatch_export(export_id: int) -> None:
+    """Send one export task."""
+    app.send_task(TaskName.EXPORT.value, args=(export_id,))
+
+
+def queue_backlog() -> int:
+    """Messages waiting in the node's queues (raises when the broker cannot be reached)."""
+    return sum(queue_depths(redis_client_url(get_settings())).values())
+
+
+def celery_dispatcher() -> Dispatcher:
+    """The production dispatcher for the scheduler and the API."""
+    return Dispatcher(job=dispatch_job, export=dispatch_export, backlog=queue_backlog)
