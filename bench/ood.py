@@ -37,10 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dicom_sr.model import QCOutcome
 from modelkit.calibration import roc_auc
-from modelkit.sononet_import import Example
-from workers.imaging.pixels import sample_frames
-from workers.imaging.types import DecodedInstance, PreparedInstance
+from modelkit.sononet_import import Example, augment, model_inputs
+from simulator import VENDOR_STYLES, VIEWS, build_instance, new_study_context, simulate_image
+from workers.imaging.pixels import decode_dataset, sample_frames
+from workers.imaging.qc import assess_instance
+from workers.imaging.types import DecodedInstance, InstanceQC, PreparedInstance
 from workers.models.inference import Analyser
 from workers.models.manifest import Region
 from workers.models.ood import EnergyScorer
@@ -112,7 +115,6 @@ def _frames_seen(instance: DecodedInstance, region: Region, *,
                  max_frames: int = 4) -> list[np.ndarray]:
     """What a pack would be shown, QC's verdict aside: the modality is accepted and a frame
     QC rejects is still cropped to the region QC found (else the whole frame)."""
-    from workers.imaging.qc import assess_instance
 
     qc = assess_instance(instance, accept_modalities=(instance.modality or "US",))
     if qc.scan_region is not None and qc.scan_mask is not None:
@@ -130,8 +132,6 @@ def other_modality_frames(
     returns the frames and the number of source images."""
     from pydicom import dcmread
 
-    from modelkit.sononet_import import augment
-    from workers.imaging.pixels import decode_dataset
 
     rng = np.random.default_rng(seed)
     frames: list[np.ndarray] = []
@@ -151,8 +151,6 @@ def fetal_frames(
     examples: Sequence[Example], *, augmentations: int, seed: int = 1
 ) -> list[np.ndarray]:
     """SonoNet's in-distribution frames: each example and ``augmentations`` copies of it."""
-    from modelkit.sononet_import import augment, model_inputs
-    from workers.imaging.qc import assess_instance
 
     rng = np.random.default_rng(seed)
     frames: list[np.ndarray] = []
@@ -170,9 +168,6 @@ def simulated_frames(
 ) -> list[np.ndarray]:
     """Simulated B-mode frames through DICOM, decoding, QC and cropping, ``per_view`` of
     each view for each vendor (frames QC refuses are left out, as the node does)."""
-    from modelkit.sononet_import import model_inputs
-    from simulator import VIEWS, build_instance, new_study_context, simulate_image
-    from workers.imaging.pixels import decode_dataset
 
     frames: list[np.ndarray] = []
     for v, vendor in enumerate(vendors):
@@ -209,8 +204,6 @@ def max_softmax_scores(pack: ModelPack, frames: Sequence[np.ndarray]) -> np.ndar
 
 def abstained(pack: ModelPack, frames: Sequence[np.ndarray]) -> float:
     """Fraction of one-frame images the node would withhold the view of with this pack."""
-    from dicom_sr.model import QCOutcome
-    from workers.imaging.types import DecodedInstance, InstanceQC
 
     items = []
     for i, frame in enumerate(frames):
@@ -247,7 +240,6 @@ def sononet_rows(
     with_abstention: bool = True,
 ) -> tuple[list[Row], dict[str, float]]:
     """Rows (a) and (b) for a SonoNet pack, and the abstention rate of each set."""
-    from simulator import VENDOR_STYLES, VIEWS
 
     fetal = fetal_frames(examples, augmentations=augmentations)
     modality, sources = other_modality_frames(Region.SCAN_REGION, copies=copies)

@@ -32,15 +32,6 @@ def _check_labels(labels: np.ndarray, n: int, *, classes: int | None = None) -> 
     return y
 
 
-def negative_log_likelihood(
-    logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0
-) -> float:
-    """Mean NLL of ``softmax(logits / temperature)``."""
-    z = torch.as_tensor(np.asarray(logits, np.float64))
-    y = torch.as_tensor(_check_labels(labels, z.shape[0], classes=z.shape[1]))
-    return float(torch.nn.functional.cross_entropy(z / temperature, y))
-
-
 def mean_nll(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """Mean NLL of the true labels under ``(N, K)`` probabilities (clipped at 1e-12): for an
     ensemble, the averaged calibrated probabilities have no single logit to start from."""

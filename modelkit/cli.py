@@ -19,7 +19,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.models.nets import POOLING
+from modelkit.data import read_labelled_folder, simulate_frameset, split_by_study, vendor_names
+from modelkit.evaluate import evaluate_pack, markdown_report, model_card, to_json, write_plots
+from modelkit.info import cmd_info
+from modelkit.pack_writer import write_pack
+from modelkit.train import (
+    INPUT_SIZE,
+    REFERENCE_CALIBRATION_STUDIES,
+    REFERENCE_EPOCHS,
+    REFERENCE_OUTPUT_STRIDE,
+    REFERENCE_SEED,
+    REFERENCE_TEST_STUDIES,
+    REFERENCE_TRAIN_STUDIES,
+    REFERENCE_WIDTH,
+    CalibrationResult,
+    apply_calibration,
+    build_reference_pack,
+    calibrate_members,
+    default_input_spec,
+    multitask_manifest,
+    network_outputs,
+    pack_from_networks,
+    size_report,
+    train_network,
+)
+from workers.models.manifest import PackError
+from workers.models.nets import POOLING, MultiTaskMobileNet
+from workers.models.packs import ModelPack
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +77,6 @@ def _add_data_args(
 
 
 def _frames(args: argparse.Namespace, input_size: tuple[int, int], *, all_vendors: bool = False):  # type: ignore[no-untyped-def]
-    from modelkit.data import read_labelled_folder, simulate_frameset, vendor_names
 
     if args.data is not None:
         labels = [args.labels] if args.labels is not None else sorted(args.data.rglob("labels.csv"))
@@ -91,8 +116,6 @@ def _write_json(path: Path | None, data: Any) -> None:
 
 def _three_way_split(frames: Any, seed: int) -> list[Any]:
     """Train / calibration / test parts (70/15/15 of the studies); refuses too few studies."""
-    from modelkit.data import split_by_study
-
     parts = split_by_study(frames, [0.7, 0.15, 0.15], seed=seed)
     if any(len(p) == 0 for p in parts):
         studies = len(set(frames.study.tolist()))
@@ -105,22 +128,6 @@ def _three_way_split(frames: Any, seed: int) -> list[Any]:
 
 # ----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from modelkit.evaluate import evaluate_pack, markdown_report, model_card, to_json
-    from modelkit.pack_writer import write_pack
-    from modelkit.train import (
-        INPUT_SIZE,
-        apply_calibration,
-        calibrate_members,
-        default_input_spec,
-        multitask_manifest,
-        network_outputs,
-        pack_from_networks,
-        size_report,
-        train_network,
-    )
-    from workers.models.nets import MultiTaskMobileNet
-    from workers.models.packs import ModelPack
-
     spec = default_input_spec()
     width, pool, stride = args.width, args.pool, args.output_stride
     net = MultiTaskMobileNet(width=width, pool=pool, output_stride=stride)
@@ -198,8 +205,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _rewrite(pack: Any, manifest: dict[str, Any], out: Path) -> None:
-    from modelkit.pack_writer import write_pack
-
     extras = {}
     if pack.path is not None:
         for name in ("MODEL_CARD.md", "EVALUATION.md"):
@@ -211,9 +216,6 @@ def _rewrite(pack: Any, manifest: dict[str, Any], out: Path) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace, *, target_sensitivity: float | None = None) -> int:
-    from modelkit.train import CalibrationResult, apply_calibration, calibrate_members
-    from workers.models.packs import ModelPack
-
     pack = ModelPack.load(args.pack, device="cpu")
     if pack.manifest.architecture != "multitask_mobilenet":
         raise SystemExit("calibrate/threshold support multitask_mobilenet packs only")
@@ -261,9 +263,6 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from modelkit.evaluate import evaluate_pack, markdown_report, to_json, write_plots
-    from workers.models.packs import ModelPack
-
     pack = ModelPack.load(args.pack, device=args.device)
     frames = _frames(args, _input_size(pack), all_vendors=True)
     result = evaluate_pack(pack, frames, held_out_vendor=_held_out())
@@ -281,19 +280,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from modelkit.evaluate import evaluate_pack, markdown_report, model_card
-    from modelkit.pack_writer import write_pack
-    from modelkit.train import (
-        apply_calibration,
-        calibrate_members,
-        multitask_manifest,
-        network_outputs,
-        pack_from_networks,
-        train_network,
-    )
-    from workers.models.nets import MultiTaskMobileNet
-    from workers.models.packs import ModelPack
-
     teachers = [ModelPack.load(p, device="cpu") for p in args.teacher]
     for t in teachers:
         if t.manifest.architecture != "multitask_mobilenet":
@@ -375,8 +361,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def _ensemble_pack(teachers: Sequence[Any]) -> Any:
     """The teachers as one in-memory ensemble pack (each member keeps its temperatures)."""
-    from modelkit.train import pack_from_networks
-
     manifest = json.loads(json.dumps(dict(teachers[0].manifest.raw)))
     for name, task in manifest["tasks"].items():
         if task.get("kind") == "classification":
@@ -402,7 +386,6 @@ def distillation_report(
 ) -> dict[str, Any]:
     """Size and test metrics of student and teacher side by side, and how often the student's
     decision (most probable label) agrees with the teacher's on the same frames."""
-    from modelkit.train import size_report
 
     def row(pack: Any, evaluation: dict[str, Any]) -> dict[str, Any]:
         overall = evaluation["overall"]
@@ -466,9 +449,6 @@ def _cell(value: Any) -> str:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from modelkit.evaluate import markdown_report, to_json
-    from modelkit.train import build_reference_pack
-
     result = build_reference_pack(
         args.out,
         seed=args.seed,
@@ -486,53 +466,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from workers.models.manifest import PackError
-    from workers.models.nets import count_parameters
-    from workers.models.packs import ModelPack
-
-    try:
-        pack = ModelPack.load(args.pack, device="cpu")
-    except PackError as exc:
-        print(f"INVALID: {exc}", file=sys.stderr)
-        return 2
-    m = pack.manifest
-    files = sum(f.stat().st_size for f in Path(args.pack).iterdir() if f.is_file())
-    info = {
-        "name": m.name,
-        "version": m.version,
-        "algorithm": pack.algorithm.name,
-        "sha256": pack.sha256,
-        "format_version": m.raw.get("format_version"),
-        "architecture": m.architecture,
-        "params": dict(m.architecture_params),
-        "members": len(m.members),
-        "parameters": sum(count_parameters(n) for n in pack.networks),
-        "pack_bytes": files,
-        "input": {"height": m.input.height, "width": m.input.width, "region": m.input.region.value},
-        "tasks": {
-            name: {
-                "kind": t.kind.value,
-                "role": t.role.value,
-                "labels": list(t.label_names),
-                "temperature": list(t.temperatures),
-                "threshold": t.threshold,
-                "operating_point": None if t.operating_point is None else vars(t.operating_point),
-                "applies_to": t.applies_to,
-            }
-            for name, t in m.tasks.items()
-        },
-        "ood": None if m.ood is None else {"threshold": m.ood.threshold, "tpr": m.ood.tpr},
-        "simulated_training_data": m.simulated,
-        "verified": True,
-    }
-    print(json.dumps(info, indent=2))
-    return 0
-
-
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from workers.models.packs import ModelPack
-
     pack = ModelPack.load(args.pack, device=args.device)
     rng = np.random.default_rng(0)
     frames = [rng.random((300, 400), dtype=np.float32) for _ in range(args.frames)]
@@ -549,8 +483,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------
 def _add_network_args(p: argparse.ArgumentParser, *, width: float) -> None:
     """Shape of the network to train (train) or of the student (distill)."""
-    from modelkit.train import REFERENCE_OUTPUT_STRIDE
-
     p.add_argument("--width", type=float, default=width, help="width multiplier")
     p.add_argument("--pool", choices=POOLING, default="avgmax", help="pooling for the heads")
     p.add_argument(
@@ -563,15 +495,6 @@ def _add_network_args(p: argparse.ArgumentParser, *, width: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modelkit.train import (
-        REFERENCE_CALIBRATION_STUDIES,
-        REFERENCE_EPOCHS,
-        REFERENCE_SEED,
-        REFERENCE_TEST_STUDIES,
-        REFERENCE_TRAIN_STUDIES,
-        REFERENCE_WIDTH,
-    )
-
     parser = argparse.ArgumentParser(prog="sononode model", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -669,7 +592,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from workers.models.manifest import PackError
 
     try:
         return int(args.func(args))

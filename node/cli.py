@@ -227,6 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return simulate_main(argv[1:])
     if argv and argv[0] == "model":
+        if len(argv) > 1 and argv[1] == "info":
+            from modelkit.info import main as info_main
+
+            return info_main(argv[2:])
         if len(argv) > 1 and argv[1] == "import-sononet":
             from modelkit.sononet_import import main as sononet_main
 

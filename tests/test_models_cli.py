@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,18 @@ def test_info_verifies_a_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     info = json.loads(capsys.readouterr().out)
     assert info["verified"] and info["simulated_training_data"]
     assert info["tasks"]["nodule"]["applies_to"] == ["thyroid_transverse", "thyroid_longitudinal"]
+
+
+def test_info_reads_a_pack_without_torch() -> None:
+    """``sononode model info`` answers from the manifest: no network is built, torch stays out."""
+    bundled = Path(__file__).resolve().parents[1] / "deploy" / "models" / "sononode-us-sim"
+    code = ("import sys; from node.cli import main; "
+            f"code = main(['model', 'info', {str(bundled)!r}]); "
+            "assert code == 0 and 'torch' not in sys.modules, sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["verified"] is True
 
 
 def test_info_refuses_a_tampered_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -583,6 +583,32 @@ def read_manifest(path: str | Path) -> Manifest:
     return dataclasses.replace(manifest, sha256=hashlib.sha256(raw_bytes).hexdigest())
 
 
+def verify_files(folder: str | Path, manifest: Manifest) -> None:
+    """Check that every file the manifest names is in ``folder`` with its sha256.
+
+    Raises
+    ------
+    PackIntegrityError
+        Naming the missing or modified file.
+    """
+    root = Path(folder)
+    files = [(m.weights, m.sha256) for m in manifest.members]
+    if manifest.ood is not None and manifest.ood.stats and manifest.ood.sha256:
+        files.append((manifest.ood.stats, manifest.ood.sha256))
+    for name, expected in files:
+        file = root / name
+        if not file.is_file():
+            raise PackIntegrityError(
+                f"model pack {root}: file {name} named in the manifest is missing"
+            )
+        actual = sha256_file(file)
+        if actual != expected:
+            raise PackIntegrityError(
+                f"model pack {root}: sha256 of {name} is {actual}, manifest says {expected}: "
+                "the file was modified or corrupted; refusing to load it"
+            )
+
+
 def describe_packs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """For ``/models``: per pack folder its manifest (without the OOD statistics' details)
     and sha256, or the error that keeps it from loading."""

@@ -27,12 +27,11 @@ from workers.models.manifest import (
     Manifest,
     OODMethod,
     PackFormatError,
-    PackIntegrityError,
     TaskKind,
     TaskRole,
     TaskSpec,
     read_manifest,
-    sha256_file,
+    verify_files,
 )
 from workers.models.nets import build_network
 from workers.models.ood import OODDetector, ood_detector
@@ -135,21 +134,7 @@ class ModelPack:
         """
         folder = Path(path)
         manifest = read_manifest(folder)
-        files = [(m.weights, m.sha256) for m in manifest.members]
-        if manifest.ood is not None and manifest.ood.stats and manifest.ood.sha256:
-            files.append((manifest.ood.stats, manifest.ood.sha256))
-        for name, expected in files:
-            file = folder / name
-            if not file.is_file():
-                raise PackIntegrityError(
-                    f"model pack {folder}: file {name} named in the manifest is missing"
-                )
-            actual = sha256_file(file)
-            if actual != expected:
-                raise PackIntegrityError(
-                    f"model pack {folder}: sha256 of {name} is {actual}, manifest says {expected}: "
-                    "the file was modified or corrupted; refusing to load it"
-                )
+        verify_files(folder, manifest)
         resolved = resolve_device(device)
         networks = []
         for member in manifest.members:
