@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Sequence
-from copy import deepcopy
 from importlib import metadata
 from typing import TYPE_CHECKING, cast
 
@@ -59,9 +58,12 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
+from pydicom import config
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 
 from dicom_sr import codes
 from dicom_sr.model import AlgorithmInfo, Classification, ImageResult, QCOutcome, StudyResult
@@ -95,6 +97,9 @@ _PATIENT_STUDY_TYPE2 = (
     "ReferringPhysicianName",
 )
 """Type 2 attributes highdicom copies from the first evidence instance."""
+
+_ENUMERATED = {"PatientSex": frozenset({"M", "F", "O", ""})}
+"""Enumerated values of those attributes (PS3.3 C.7.1.1)."""
 
 _REQUIRED_SOURCE = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
@@ -675,16 +680,46 @@ def _study_evaluations(
 
 
 def _evidence_header(first: Dataset) -> Dataset:
-    """Copy of the first source's header with absent Type 2 patient/study attributes empty.
+    """The identity and the patient and study modules of the first source, for highdicom.
 
-    highdicom copies these from the first evidence instance and needs them present;
-    Type 2 allows them empty, and a missing StudyID must not block the report.
+    highdicom copies these from the first evidence instance and needs them present and
+    valid; a modality's header may hold a value of the wrong VR, an unparseable date or
+    bytes invalid in its character set. Each attribute is copied only when it reads and
+    validates as its standard VR, else left empty (all are Type 2): one malformed
+    attribute must not cost the study its report. Text is kept as decoded, in UTF-8.
     """
     header = Dataset()
-    for element in first:
-        if element.tag != 0x7FE00010:  # PixelData: never needed, possibly large
-            header.add(deepcopy(element))
+    for keyword in _REQUIRED_SOURCE:
+        setattr(header, keyword, str(first.get(keyword)))
     for keyword in _PATIENT_STUDY_TYPE2:
-        if keyword not in header:
-            setattr(header, keyword, "")
+        setattr(header, keyword, _valid_value(first, keyword))
+    texts = [str(header.get(keyword, "")) for keyword in _PATIENT_STUDY_TYPE2]
+    if any(not text.isascii() for text in texts):
+        header.SpecificCharacterSet = "ISO_IR 192"
     return header
+
+
+def _valid_value(source: Dataset, keyword: str) -> object:
+    """The value of ``keyword`` in ``source`` if it is a valid value of its standard VR."""
+    if keyword not in source:
+        return ""
+    vr = dictionary_VR(keyword)
+    try:
+        element = source[keyword]  # converting a raw element may raise
+        value = element.value
+        if vr != element.VR:
+            raise ValueError(f"VR {element.VR} instead of {vr}")
+        if element.VM > 1:
+            raise ValueError(f"{element.VM} values where one is allowed")
+        if vr == "PN":
+            value = str(value)
+        validate_value(vr, value, config.RAISE)
+        allowed = _ENUMERATED.get(keyword)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"not one of {sorted(allowed)}")
+    except Exception as exc:
+        # The message names the attribute, never its value (it may be a patient's name).
+        logger.warning("source %s: %s is malformed (%s); left empty in the report",
+                       source.get("SOPInstanceUID"), keyword, type(exc).__name__)
+        return ""
+    return value if value is not None else ""

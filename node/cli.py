@@ -25,12 +25,10 @@ logger = logging.getLogger("sononode")
 def _setup(role: str) -> Settings:
     """Settings, logging and the metrics directory, before any metric is created."""
     from node.config import get_settings
+    from node.logs import configure
 
     settings = get_settings()
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format=f"%(asctime)s {role} %(process)d %(levelname)s %(name)s: %(message)s",
-    )
+    configure(role, level=settings.log_level, fmt=settings.log_format)
     # prometheus-client picks its storage mode when it is first imported, so its
     # multiprocess folder must be in the environment before anything imports node.metrics.
     metrics_dir = settings.process_metrics_dir.resolve()

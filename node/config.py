@@ -12,10 +12,12 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from node.logs import LogFormat
 
 _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
 _DESTINATION = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -123,7 +125,12 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="How often the scheduler looks for complete studies."
     )
     network_timeout_seconds: float = Field(default=30.0, gt=0, description="DICOM timeouts.")
-    log_level: str = Field(default="INFO", description="Python logging level.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL."
+    )
+    log_format: LogFormat = Field(
+        default=LogFormat.TEXT, description="Log lines as plain text or one JSON object each."
+    )
     metrics_subdir: str = Field(
         default="",
         description="This process's sub-folder of <data>/metrics (compose gives each container "
@@ -148,6 +155,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("data_dir")
     @classmethod

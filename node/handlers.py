@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
 from node import sop_classes
-from node.index import InstanceMeta, RegisterOutcome, is_indexed, register_instance
+from node.index import InstanceMeta, InvalidInstance, RegisterOutcome, is_indexed, register_instance
+from node.logs import describe_error
 from node.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED, RECEIVE_SECONDS
 
 if TYPE_CHECKING:
@@ -117,20 +117,22 @@ def _store(
         else:
             ds = event.dataset  # chunked receive is off (library use)
         meta = InstanceMeta.from_dataset(ds, transfer_syntax)
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError,
-            AttributeError, NotImplementedError) as exc:
-        logger.exception("C-STORE from %s: dataset cannot be parsed", calling_ae)
-        return _reject(StoreStatus.CANNOT_UNDERSTAND, "unparseable", "%s", exc)
+    except InvalidInstance as exc:
+        # Our own checks (node.index.InstanceMeta): the message names the attribute only.
+        return _reject(StoreStatus.CANNOT_UNDERSTAND, "unparseable", "from %s: %s",
+                       calling_ae, exc)
     except Exception as exc:  # pydicom raises assorted errors on corrupt input
-        logger.exception("C-STORE from %s: unexpected error parsing the dataset", calling_ae)
-        return _reject(StoreStatus.CANNOT_UNDERSTAND, "unparseable", "%s", exc)
+        # Its messages may quote a value (a patient's name): log the type and tags only.
+        return _reject(StoreStatus.CANNOT_UNDERSTAND, "unparseable",
+                       "from %s: dataset cannot be parsed (%s)", calling_ae, describe_error(exc))
 
     if temp_path is not None:
         try:
             check_complete(temp_path)
         except Exception as exc:
-            logger.exception("C-STORE from %s: dataset is truncated or corrupt", calling_ae)
-            return _reject(StoreStatus.CANNOT_UNDERSTAND, "truncated", "%s", exc)
+            return _reject(StoreStatus.CANNOT_UNDERSTAND, "truncated",
+                           "from %s: dataset is truncated or corrupt (%s)", calling_ae,
+                           describe_error(exc))
 
     if meta.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip() or (
         meta.sop_class_uid != str(request.AffectedSOPClassUID).strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -15,6 +16,16 @@ from node.db import Database, Instance, Study, StudyState, utcnow
 from node.sop_classes import is_analysed
 
 logger = logging.getLogger(__name__)
+
+
+#: The attributes that identify an instance: each must be one valid UID.
+IDENTITY = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+_UID = re.compile(r"[0-9][0-9.]{0,63}")
+
+
+class InvalidInstance(ValueError):
+    """A received dataset cannot be filed: its identity is missing or malformed. The message
+    names the attribute, never a value."""
 
 
 class RegisterOutcome(StrEnum):
@@ -55,32 +66,36 @@ class InstanceMeta:
 
         Raises
         ------
-        ValueError
-            If a UID that identifies the instance is missing or empty.
+        InvalidInstance
+            If a UID that identifies the instance is missing, empty or not one valid UID.
         """
-        missing = [
-            kw
-            for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
-            if not str(ds.get(kw, "") or "").strip()
-        ]
-        if missing:
-            raise ValueError(f"dataset lacks {', '.join(missing)}")
-        too_long = [
-            kw
-            for kw in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
-            if len(str(ds.get(kw)).strip()) > 64
-        ]
-        if too_long:
-            raise ValueError(f"{', '.join(too_long)} longer than 64 characters")
+        for keyword in IDENTITY:
+            value = ds.get(keyword)
+            if value is None or not str(value).strip():
+                raise InvalidInstance(f"dataset lacks {keyword}")
+            if not isinstance(value, str) or not _UID.fullmatch(value.strip()):
+                # Multi-valued, too long, or characters no UID has: the instance cannot
+                # be filed (and its path in the spool is built from these UIDs).
+                raise InvalidInstance(f"{keyword} is not a single UID of at most 64 digits "
+                                      "and dots")
+
+        # Descriptive attributes are read leniently: a malformed one (wrong VR, bad
+        # length) is recorded as absent, it does not refuse an image whose identity is
+        # sound. pydicom raises assorted types when it converts a malformed raw value.
+        def read(keyword: str) -> object:
+            try:
+                return ds.get(keyword)
+            except Exception:
+                return None
 
         def text(keyword: str, limit: int = 64) -> str | None:
-            value = ds.get(keyword)
+            value = read(keyword)
             return str(value)[:limit] if value not in (None, "") else None
 
         def integer(keyword: str) -> int | None:
-            value = ds.get(keyword)
+            value = read(keyword)
             try:
-                return int(value) if value not in (None, "") else None
+                return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
             except (TypeError, ValueError):
                 return None
 

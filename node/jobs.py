@@ -37,6 +37,7 @@ from node.db import (
     StudyState,
     utcnow,
 )
+from node.metrics import STUDIES_FAILED
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ def fail(session: Session, job: Job, error: str) -> None:
     study = session.get(Study, job.study_instance_uid)
     if study is not None and study.state is StudyState.PROCESSING:
         study.state = StudyState.FAILED
+        STUDIES_FAILED.inc()
     logger.error("job %d failed: %s", job.id, job.error)
 
 

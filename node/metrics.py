@@ -37,6 +37,10 @@ STUDIES_REPORTED = Counter(
     "Study reports produced, by whether they ask for human review.",
     ["needs_review"],
 )
+STUDIES_FAILED = Counter(
+    "sononode_studies_failed_total",
+    "Studies whose analysis failed for good, without a report (see /studies?state=failed).",
+)
 TASK_SECONDS = Histogram(
     "sononode_task_seconds",
     "Celery task durations, by task.",

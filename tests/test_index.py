@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from node.db import Database, Instance, Study, StudyState
 from node.handlers import check_complete
-from node.index import InstanceMeta, RegisterOutcome, register_instance
+from node.index import InstanceMeta, InvalidInstance, RegisterOutcome, register_instance
 
 
 def test_concurrent_instances_of_a_new_study_are_all_indexed(db: Database) -> None:
@@ -40,11 +40,28 @@ def test_concurrent_instances_of_a_new_study_are_all_indexed(db: Database) -> No
         assert row is not None and row.revision == len(metas)
 
 
-def test_overlong_uid_is_refused() -> None:
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("SOPInstanceUID", "1." * 40), ("SeriesInstanceUID", ["1.2.3", "1.2.4"]),
+     ("StudyInstanceUID", "1.2.3/../4"), ("SOPClassUID", "")],
+    ids=["overlong", "multi-valued", "not-a-uid", "empty"],
+)
+def test_an_identity_that_is_not_one_uid_is_refused(keyword: str, value: object) -> None:
     ds = make_us_dataset()
-    ds.SOPInstanceUID = "1." * 40
-    with pytest.raises(ValueError, match="longer than 64"):
+    setattr(ds, keyword, value)
+    with pytest.raises(InvalidInstance, match=keyword):
         InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1")
+
+
+def test_a_malformed_descriptive_attribute_is_recorded_as_absent() -> None:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = make_us_dataset()
+    tag = Tag("Manufacturer")
+    ds._dict[tag] = RawDataElement(tag, "FD", 6, b"12\\34", 0, False, True)
+    meta = InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1")
+    assert meta.manufacturer is None and meta.sop_instance_uid == ds.SOPInstanceUID
 
 
 def test_document_only_study_is_stored_not_receiving(db: Database) -> None:

@@ -82,6 +82,24 @@ class SourceImage:
     def vendor(self) -> str:
         return self.header.manufacturer or "unknown"
 
+    def evidence_header(self) -> Dataset:
+        """The file's header for the report (patient, study and identity), without pixels.
+
+        A header that no longer parses is replaced by the identity the index holds (the
+        UIDs the listener validated): the image is still referenced by the report.
+        """
+        try:
+            header: Dataset = dcmread(self.path, stop_before_pixels=True)
+        except Exception:
+            logger.warning("header of %s unreadable; the report references it by its "
+                           "indexed UIDs", self.header.sop_instance_uid)
+            header = Dataset()
+        header.SOPInstanceUID = self.header.sop_instance_uid
+        header.SOPClassUID = self.header.sop_class_uid
+        header.StudyInstanceUID = self.header.study_instance_uid
+        header.SeriesInstanceUID = self.header.series_instance_uid
+        return header
+
 
 # ----------------------------------------------------------------------------------------
 # Outcomes (what the metrics read)
@@ -176,30 +194,44 @@ class WorkerContext:
 # ----------------------------------------------------------------------------------------
 # QC
 # ----------------------------------------------------------------------------------------
-def decode_failure(exc: PixelDataError) -> InstanceQC:
-    """QC's outcome for an instance whose pixels cannot be decoded."""
+#: QC reason code of an instance whose QC itself failed (a defect of the node, not the image).
+QC_ERROR = "qc_error"
+
+
+def unassessable(code: str, message: str) -> InstanceQC:
+    """QC's outcome for an instance that cannot be assessed: failed, nothing usable."""
     return InstanceQC(
         outcome=QCOutcome.FAIL,
-        checks=(QCCheck(code=exc.reason.value, outcome=QCOutcome.FAIL, message=str(exc)),),
+        checks=(QCCheck(code=code, outcome=QCOutcome.FAIL, message=message),),
         usable_frames=(),
     )
 
 
 def assess(sources: Sequence[SourceImage], *, max_frames: int) -> StudyQC:
-    """Decode every source and run QC on it, then the study-level checks."""
+    """Decode every source and run QC on it, then the study-level checks.
+
+    An instance that cannot be decoded or assessed is recorded as failed with the reason;
+    it never stops the others from being assessed.
+    """
     records: dict[str, QCRecord] = {}
     prepared: list[PreparedInstance] = []
     for source in sources:
         uid = source.header.sop_instance_uid
+        decoded: DecodedInstance | None = None
         try:
             decoded = load_instance(source.path, max_frames=max_frames)
+            qc = assess_instance(decoded)
         except PixelDataError as exc:
-            logger.warning("%s cannot be decoded: %s", uid, exc)
-            qc = decode_failure(exc)
+            logger.warning("%s cannot be decoded: %s", uid, exc.reason.value)
+            decoded, qc = None, unassessable(exc.reason.value, str(exc))
+        except Exception as exc:
+            logger.exception("QC of %s failed; reported as not assessable", uid)
+            decoded = None
+            qc = unassessable(QC_ERROR, f"quality control failed ({type(exc).__name__})")
+        if decoded is None:
             records[uid] = QCRecord.of(qc, None, frames_total=source.header.number_of_frames)
             prepared.append(PreparedInstance(source.header, qc))
             continue
-        qc = assess_instance(decoded)
         records[uid] = QCRecord.of(qc, decoded, frames_total=decoded.number_of_frames)
         # Only what the study-level assessment needs: no pixels held across the loop.
         prepared.append(PreparedInstance(decoded.without_pixels(), qc))
@@ -242,7 +274,7 @@ def analyse(study_uid: str, sources: Sequence[SourceImage], study_qc: StudyQC,
         if record.usable_frame_indices:
             try:
                 decoded = load_instance(source.path, max_frames=max_frames)
-            except PixelDataError as exc:
+            except (PixelDataError, OSError) as exc:
                 logger.warning("%s no longer decodes: %s", uid, exc)
         if decoded is None:
             prepared.append(PreparedInstance(source.header, record.without_frames()))
@@ -292,11 +324,8 @@ def run_report(ctx: WorkerContext, job_id: int) -> Reported | None:
         result = StudyResult.from_json(job.result)
         plan = jobs.plan_report(session, job)
     referenced = {image.sop_instance_uid for image in result.images}
-    sources: list[Dataset] = [
-        dcmread(source.path, stop_before_pixels=True)
-        for source in ctx.sources(result.study_instance_uid)
-        if source.header.sop_instance_uid in referenced
-    ]
+    sources = [source.evidence_header() for source in ctx.sources(result.study_instance_uid)
+               if source.header.sop_instance_uid in referenced]
     previous = plan.previous_sr_path
     sop_uid = generate_uid()
     sr = build_sr(

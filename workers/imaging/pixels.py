@@ -158,7 +158,32 @@ def load_instance(path: Path, *, max_frames: int = 16) -> DecodedInstance:
 
 
 def decode_dataset(ds: Dataset, *, max_frames: int = 16) -> DecodedInstance:
-    """Decode an in-memory dataset as :func:`load_instance` does a file."""
+    """Decode an in-memory dataset as :func:`load_instance` does a file.
+
+    Raises
+    ------
+    PixelDataError
+        For every way the image cannot be decoded, malformed headers included (a wrong VR,
+        a value of the wrong type or count, inconsistent pixel module attributes).
+    """
+    try:
+        return _decode_dataset(ds, max_frames=max_frames)
+    except PixelDataError:
+        raise
+    except MemoryError as exc:
+        raise PixelDataError(
+            PixelErrorReason.UNDECODABLE, "the image is too large to decode"
+        ) from exc
+    except Exception as exc:
+        # pydicom and the pixel handlers raise many types on malformed headers; none of
+        # them may stop the rest of the study from being analysed.
+        raise PixelDataError(
+            PixelErrorReason.UNDECODABLE,
+            f"malformed image pixel module or pixel data ({type(exc).__name__})",
+        ) from exc
+
+
+def _decode_dataset(ds: Dataset, *, max_frames: int) -> DecodedInstance:
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class.startswith(_NON_IMAGE_SOP_PREFIXES):
         raise PixelDataError(
