@@ -121,8 +121,10 @@ class Orthanc:
         self.process = None
 
 
-def make_orthanc(workdir: Path, *, aet: str = "ORTHANC") -> Orthanc:
-    """Write an Orthanc configuration on free ports under ``workdir`` (not started)."""
+def make_orthanc(workdir: Path, *, aet: str = "ORTHANC",
+                 extra: dict[str, Any] | None = None) -> Orthanc:
+    """Write an Orthanc configuration on free ports under ``workdir`` (not started);
+    ``extra`` adds or overrides configuration keys (e.g. ``DicomTlsEnabled``)."""
     if shutil.which("Orthanc") is None:
         raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +145,7 @@ def make_orthanc(workdir: Path, *, aet: str = "ORTHANC") -> Orthanc:
         "StableAge": 1,
         "DicomAlwaysAllowStore": True,
         "UnknownSopClassAccepted": True,
+        **(extra or {}),
     }
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
@@ -237,11 +240,21 @@ def start_node(data_dir: Path, *, destinations: str = "", extra_env: dict[str, s
     return node
 
 
+def dcmtk(tool: str) -> str:
+    """Path of a DCMTK command-line tool. pynetdicom installs Python apps of the same names
+    (``echoscu``, ``storescu``) that may come first on the PATH: they are not DCMTK."""
+    for folder in ("/usr/bin", "/bin", "/usr/local/bin"):
+        candidate = Path(folder) / tool
+        if candidate.is_file():
+            return str(candidate)
+    return tool
+
+
 def dcmsend(port: int, files: list[Path], *, aet: str = "SONONODE", check: bool = True
             ) -> subprocess.CompletedProcess[str]:
     """Send files with DCMTK's dcmsend, proposing each file's own transfer syntax."""
     result = subprocess.run(
-        ["dcmsend", "-aec", aet, "-aet", "MODALITY", "127.0.0.1", str(port),
+        [dcmtk("dcmsend"), "-aec", aet, "-aet", "MODALITY", "127.0.0.1", str(port),
          *[str(f) for f in files]],
         capture_output=True, text=True, timeout=300,
     )

@@ -11,16 +11,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from node.logs import LogFormat
 
 _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
-_DESTINATION = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+_DESTINATION = re.compile(
+    r"^(?P<aet>[^@]{1,16})@(?P<host>[^:?]+):(?P<port>\d{1,5})(?:\?(?P<options>[a-z&=,]*))?$"
+)
+#: Options a destination may carry after ``?``, ``&``-separated.
+DESTINATION_OPTIONS = ("tls",)
 
 #: Folder of the model packs bundled with the project (``deploy/models``).
 BUNDLED_PACKS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "models"
@@ -28,18 +33,20 @@ BUNDLED_PACKS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "models"
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer the node sends its reports to (``AET@host:port``)."""
+    """A DICOM peer the node sends its reports to (``AET@host:port[?tls]``)."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    """Send over DICOM TLS (``?tls``), verifying the peer (``node/tls.py``)."""
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + ("?tls" if self.tls else "")
 
 
 def parse_destination(text: str) -> Destination:
-    """Parse ``AET@host:port`` into a :class:`Destination`.
+    """Parse ``AET@host:port[?tls]`` into a :class:`Destination`.
 
     Raises
     ------
@@ -54,7 +61,12 @@ def parse_destination(text: str) -> Destination:
         raise ValueError(f"destination {text!r}: port {port} out of range")
     if not _AE_TITLE.match(match["aet"]) or match["aet"].strip() == "":
         raise ValueError(f"destination {text!r}: invalid AE title")
-    return Destination(match["aet"].strip(), match["host"], port)
+    options = [o for o in (match["options"] or "").split("&") if o]
+    unknown = [o for o in options if o not in DESTINATION_OPTIONS]
+    if unknown:
+        raise ValueError(f"destination {text!r}: unknown option(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(DESTINATION_OPTIONS)})")
+    return Destination(match["aet"].strip(), match["host"], port, tls="tls" in options)
 
 
 class Settings(BaseSettings):
@@ -93,7 +105,35 @@ class Settings(BaseSettings):
         description="Store images whose Modality is not US (they are never analysed).",
     )
     calling_ae_whitelist: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="If set, only these calling AE titles may send."
+        default_factory=list,
+        description="If set, only these calling AE titles may associate (checked at "
+        "association time, before any data is sent).",
+    )
+    allowed_peers: Annotated[list[IPv4Network | IPv6Network], NoDecode] = Field(
+        default_factory=list,
+        description="If set, only these addresses or networks (CIDR, comma-separated) may "
+        "connect to the DICOM listener.",
+    )
+    max_associations: int = Field(default=32, ge=1, description="Concurrent associations.")
+    max_associations_per_peer: int = Field(
+        default=8, ge=1, description="Concurrent connections from one address (a NAT shared "
+        "by several modalities counts once: size it for them).",
+    )
+    max_inflated_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1024 * 1024,
+        description="A deflated dataset inflating beyond this is refused (0xC210).",
+    )
+    min_free_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0,
+        description="Below this much free space the listener answers Out of Resources.",
+    )
+    dicom_tls_cert: Path | None = Field(
+        default=None, description="PEM certificate of the listener: with the key, it speaks TLS."
+    )
+    dicom_tls_key: Path | None = Field(default=None, description="PEM private key.")
+    dicom_tls_ca: Path | None = Field(
+        default=None, description="PEM CA bundle: clients must present a certificate it signed "
+        "(mutual TLS); also verifies PACS certificates for exports over TLS.",
     )
     review_confidence: float = Field(
         default=0.0,
@@ -148,6 +188,25 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [parse_destination(part) for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("allowed_peers", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [ip_network(part.strip(), strict=False) for part in value.split(",")
+                    if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.dicom_tls_cert is None) != (self.dicom_tls_key is None):
+            raise ValueError("SONONODE_DICOM_TLS_CERT and SONONODE_DICOM_TLS_KEY go together")
+        if self.dicom_tls_ca is not None and self.dicom_tls_cert is None:
+            raise ValueError("SONONODE_DICOM_TLS_CA needs SONONODE_DICOM_TLS_CERT and _KEY")
+        for path in (self.dicom_tls_cert, self.dicom_tls_key, self.dicom_tls_ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return self
 
     @field_validator("model_packs", "calling_ae_whitelist", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from node import sop_classes
 from node.index import InstanceMeta, InvalidInstance, RegisterOutcome, is_indexed, register_instance
 from node.logs import describe_error
 from node.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED, RECEIVE_SECONDS
+from node.receive import InflationLimitExceeded, inflated_size, receive_failure
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -54,6 +55,7 @@ class StorePolicy:
     accept_non_ultrasound: bool = False
     calling_ae_whitelist: tuple[str, ...] = ()
     min_free_bytes: int = 64 * 1024 * 1024
+    max_inflated_bytes: int = 512 * 1024 * 1024
 
 
 def handle_echo(event: Event) -> int:
@@ -85,6 +87,12 @@ def handle_store(event: Event, spool: Spool, db: Database, policy: StorePolicy) 
 
     try:
         with RECEIVE_SECONDS.time():
+            if temp_path is not None:
+                failure = receive_failure(temp_path)
+                if failure is not None:
+                    return _reject(StoreStatus.OUT_OF_RESOURCES, "receive_failed",
+                                   "from %s: the dataset could not be written (%s)",
+                                   calling_ae, failure)
             return _store(event, spool, db, policy, calling_ae, temp_path)
     finally:
         # pynetdicom unlinks its temp file too; this covers every early return.
@@ -109,7 +117,16 @@ def _store(
     request = cast("C_STORE", event.request)  # this handler is bound to EVT_C_STORE only
     transfer_syntax = str(event.context.transfer_syntax)
 
-    # 1. Parse the header (never the pixel data) from the received file.
+    # 1. Bound what parsing may cost, then parse the header (never the pixel data).
+    if temp_path is not None:
+        try:
+            inflated_size(temp_path, policy.max_inflated_bytes)
+        except InflationLimitExceeded as exc:
+            return _reject(StoreStatus.CANNOT_UNDERSTAND, "inflation_limit", "from %s: %s",
+                           calling_ae, exc)
+        except (ValueError, OSError) as exc:
+            return _reject(StoreStatus.CANNOT_UNDERSTAND, "unparseable", "from %s: %s",
+                           calling_ae, describe_error(exc))
     try:
         ds: Dataset
         if temp_path is not None:

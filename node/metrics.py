@@ -23,6 +23,12 @@ INSTANCES_REJECTED = Counter(
     "C-STORE requests answered with a failure status, by reason.",
     ["reason"],
 )
+CONNECTIONS_REFUSED = Counter(
+    "sononode_connections_refused_total",
+    "DICOM connections or associations refused before any data, by reason (address, "
+    "per_peer_limit, no_request, tls_handshake, disk_full).",
+    ["reason"],
+)
 RECEIVE_SECONDS = Histogram(
     "sononode_store_seconds",
     "Time from a C-STORE request being decoded to its status (parse, fsync, index).",

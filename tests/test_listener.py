@@ -175,11 +175,27 @@ def test_non_ultrasound_accepted_when_configured(settings: Settings, db: Databas
         server.shutdown()
 
 
-def test_calling_ae_whitelist(settings: Settings, db: Database, tmp_path: Path) -> None:
+def _associates(settings: Settings, *, calling: str, called: str) -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=called)
+    if assoc.is_established:
+        assoc.release()
+        return True
+    return False
+
+
+def test_calling_ae_allow_list_and_called_ae_at_association_time(
+    settings: Settings, db: Database
+) -> None:
+    """Refused with A-ASSOCIATE-RJ before any data: a calling AE title not allowed, or a
+    called AE title that is not the node's."""
     restricted = settings.model_copy(update={"calling_ae_whitelist": ["SCANNER1"]})
     server = start_listener(restricted, db, block=False)
+    assert server is not None
     try:
-        path = write(make_us_dataset(), tmp_path / "a.dcm")
-        assert _send(restricted, path) == StoreStatus.NOT_AUTHORISED
+        assert _associates(restricted, calling="SCANNER1", called=restricted.ae_title)
+        assert not _associates(restricted, calling="TESTSCU", called=restricted.ae_title)
+        assert not _associates(restricted, calling="SCANNER1", called="SOMEONEELSE")
     finally:
         server.shutdown()

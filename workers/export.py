@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 from pydicom import dcmread
@@ -35,8 +36,12 @@ def send_file(
     *,
     calling_ae_title: str,
     timeout_seconds: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
     """Send the DICOM file at ``path`` to ``destination`` with C-STORE.
+
+    ``tls`` is the client context for a destination marked ``?tls``
+    (:func:`node.tls.client_context`); the peer's host name is verified against it.
 
     Returns
     -------
@@ -59,7 +64,14 @@ def send_file(
         ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian]
     )
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if destination.tls and tls is None:
+        raise ExportRefusedError(f"{destination}: TLS requested but no TLS context given")
+    tls_args = (tls, destination.host) if destination.tls and tls is not None else None
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=tls_args)
+    except (ssl.SSLError, OSError) as exc:
+        raise ExportTransientError(f"{destination}: cannot connect ({exc})") from exc
     if not assoc.is_established:
         if assoc.is_rejected:
             raise ExportTransientError(f"{destination}: association rejected")

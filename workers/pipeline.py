@@ -33,6 +33,7 @@ from node.config import parse_destination
 from node.db import Database, ExportState, Instance, JobState
 from node.index import analysed_instances
 from node.spool import Spool, safe_component, write_durably
+from node.tls import client_context
 from workers.export import send_file
 from workers.imaging.pixels import PixelDataError, load_instance
 from workers.imaging.qc import assess_instance, assess_study
@@ -375,7 +376,8 @@ def run_export(ctx: WorkerContext, export_id: int) -> ExportOutcome | None:
         sr_path = Path(job.sr_path)
         destination = parse_destination(export.destination)
     send_file(sr_path, destination, calling_ae_title=ctx.settings.ae_title,
-              timeout_seconds=ctx.settings.network_timeout_seconds)
+              timeout_seconds=ctx.settings.network_timeout_seconds,
+              tls=client_context(ctx.settings) if destination.tls else None)
     with ctx.db.session() as session:
         jobs.export_sent(session, export_id)
     return ExportOutcome(export_id, str(destination), ExportState.SENT)
