@@ -177,10 +177,31 @@ class Node:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The admin token the node generated in its data directory (no token configured)."""
+        token = self.env.get("SONONODE_API_TOKENS", "")
+        if token:
+            token = next(t.split(":", 1)[1] for t in token.split(",") if t.startswith("admin:"))
+        else:
+            token = (self.data_dir / "api-token").read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
+
     def get(self, path: str) -> Any:
-        response = httpx.get(self.url + path, timeout=10)
+        """GET ``path`` of the API as an admin; the JSON body."""
+        response = httpx.get(self.url + path, headers=self.headers, timeout=10)
         response.raise_for_status()
         return response.json()
+
+    def get_text(self, path: str) -> str:
+        """GET ``path`` of the API as an admin; the text body (``/metrics``)."""
+        response = httpx.get(self.url + path, headers=self.headers, timeout=10)
+        response.raise_for_status()
+        return response.text
+
+    def post(self, path: str) -> httpx.Response:
+        """POST to ``path`` of the API as an admin."""
+        return httpx.post(self.url + path, headers=self.headers, timeout=10)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -196,8 +217,9 @@ class Node:
 
 
 def start_node(data_dir: Path, *, destinations: str = "", extra_env: dict[str, str] | None = None,
-               timeout: float = 120) -> Node:
-    """Start ``sononode up`` on free ports and wait until ``/ready`` answers 200."""
+               timeout: float = 120, wait_ready: bool = True) -> Node:
+    """Start ``sononode up`` on free ports and wait until ``/ready`` answers 200 (with
+    ``wait_ready=False``: until the API and the listener answer, ready or not)."""
     dicom_port, http_port = get_port(), get_port()
     env = dict(os.environ)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -229,8 +251,9 @@ def start_node(data_dir: Path, *, destinations: str = "", extra_env: dict[str, s
     def ready() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"node exited:\n{node.log()[-4000:]}")
-        ok = httpx.get(node.url + "/ready", timeout=2).status_code == 200
-        return ok and port_open(dicom_port) and "ready." in node.log()
+        path = "/ready" if wait_ready else "/health"
+        ok = httpx.get(node.url + path, timeout=2).status_code == 200
+        return ok and port_open(dicom_port) and (not wait_ready or "ready." in node.log())
 
     try:
         wait_for(ready, timeout=timeout, what="sononode up")

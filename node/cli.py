@@ -17,9 +17,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from node.auth import TokenError
 from node.config import Settings
 
 logger = logging.getLogger("sononode")
+
+#: How long a role waits for its database at start before it exits (and is restarted).
+ROLE_DATABASE_WAIT = 30.0
 
 
 def _setup(role: str) -> Settings:
@@ -40,7 +46,9 @@ def _setup(role: str) -> Settings:
 def _cmd_up(_: argparse.Namespace) -> int:
     from node.supervisor import run_up
 
-    return run_up(_setup("up"))
+    settings = _setup("up")
+    check_ports(settings)
+    return run_up(settings)
 
 
 def _cmd_listener(_: argparse.Namespace) -> int:
@@ -48,7 +56,8 @@ def _cmd_listener(_: argparse.Namespace) -> int:
     from node.db import open_database
     from node.listener import start_listener
 
-    db = open_database(settings.effective_database_url, settings.data_dir)
+    db = open_database(settings.effective_database_url, settings.data_dir,
+                       wait_seconds=ROLE_DATABASE_WAIT)
     try:
         start_listener(settings, db, block=True)
     except KeyboardInterrupt:
@@ -66,7 +75,8 @@ def _cmd_api(_: argparse.Namespace) -> int:
     from workers.dispatch import celery_dispatcher
     from workers.models.manifest import describe_packs
 
-    db = open_database(settings.effective_database_url, settings.data_dir)
+    db = open_database(settings.effective_database_url, settings.data_dir,
+                       wait_seconds=ROLE_DATABASE_WAIT)
     app = create_app(
         settings, db,
         dispatcher=celery_dispatcher(),
@@ -112,10 +122,17 @@ def _cmd_scheduler(_: argparse.Namespace) -> int:
     from node.scheduler import run_scheduler
     from workers.dispatch import celery_dispatcher
 
-    db = open_database(settings.effective_database_url, settings.data_dir)
+    db = open_database(settings.effective_database_url, settings.data_dir,
+                       wait_seconds=ROLE_DATABASE_WAIT)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from node.retention import purge
+    from node.spool import Spool
+
+    spool = Spool(settings.spool_dir, settings.incoming_dir)
+    retention = (lambda: purge(db, spool, days=settings.retention_days)) \
+        if settings.retention_days > 0 else None
     run_scheduler(
         db,
         celery_dispatcher(),
@@ -124,7 +141,27 @@ def _cmd_scheduler(_: argparse.Namespace) -> int:
         stale_seconds=settings.stale_job_seconds,
         export_grace_seconds=settings.export_retry_backoff_max_seconds,
         stop=stop,
+        retention=retention,
     )
+    return 0
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    settings = _setup("purge")
+    from node.db import open_database
+    from node.retention import purge
+    from node.spool import Spool
+
+    days = args.days if args.days is not None else settings.retention_days
+    if days <= 0:
+        print("no retention: give --days N or set SONONODE_RETENTION_DAYS", file=sys.stderr)
+        return 2
+    db = open_database(settings.effective_database_url, settings.data_dir)
+    report = purge(db, Spool(settings.spool_dir, settings.incoming_dir), days=days,
+                   dry_run=args.dry_run, actor="cli")
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {report.files} file(s), {report.bytes} bytes, of {report.studies} "
+          f"study(ies) ended more than {days:g} days ago")
     return 0
 
 
@@ -200,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=_cmd_worker)
     sub.add_parser("scheduler", help="study completion and reconciliation").set_defaults(
         func=_cmd_scheduler)
+    purge_parser = sub.add_parser("purge", help="delete spooled pixel data past the retention")
+    purge_parser.add_argument("--days", type=float, default=None,
+                              help="default: SONONODE_RETENTION_DAYS")
+    purge_parser.add_argument("--dry-run", action="store_true", help="only count")
+    purge_parser.set_defaults(func=_cmd_purge)
     for name, func, text in (("echo", _cmd_echo, "C-ECHO a DICOM peer"),
                              ("send", _cmd_send, "C-STORE files or folders to a DICOM peer")):
         p = sub.add_parser(name, help=text)
@@ -237,7 +279,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return model_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValidationError as exc:
+        for line in describe_settings_error(exc):
+            print(f"sononode: {line}", file=sys.stderr)
+        return 2
+    except TokenError as exc:
+        print(f"sononode: {exc}", file=sys.stderr)
+        return 2
+    except PortInUse as exc:
+        print(f"sononode: {exc}", file=sys.stderr)
+        return 2
+
+
+class PortInUse(RuntimeError):
+    """A port the node must listen on is taken."""
+
+
+def check_ports(settings: Settings) -> None:
+    """Fail with one clear line when the DICOM or HTTP port is already in use."""
+    import socket
+
+    for what, host, port, variable in (
+            ("DICOM", settings.dicom_host, settings.dicom_port, "SONONODE_DICOM_PORT"),
+            ("HTTP", settings.http_host, settings.http_port, "SONONODE_HTTP_PORT")):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise PortInUse(f"the {what} port {host}:{port} is not free ({exc.strerror}); "
+                                f"stop what uses it or set {variable}") from exc
+
+
+def describe_settings_error(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, naming its ``SONONODE_*`` variable."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        variable = f"SONONODE_{field.upper()}" if field else "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        allowed = error.get("ctx", {}).get("expected")
+        lines.append(f"{variable}: {message}" + (f" (allowed: {allowed})" if allowed and
+                                                 str(allowed) not in message else ""))
+    return lines
 
 
 if __name__ == "__main__":

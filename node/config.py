@@ -15,11 +15,12 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from node.logs import LogFormat
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
 _DESTINATION = re.compile(
     r"^(?P<aet>[^@]{1,16})@(?P<host>[^:?]+):(?P<port>\d{1,5})(?:\?(?P<options>[a-z&=,]*))?$"
@@ -127,6 +128,24 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024, ge=0,
         description="Below this much free space the listener answers Out of Resources.",
     )
+    retention_days: float = Field(
+        default=0.0, ge=0,
+        description="Delete a study's spooled pixel data this many days after it ended "
+        "(results, reports and audit stay); 0 keeps everything.",
+    )
+    api_tokens: SecretStr = Field(
+        default=SecretStr(""),
+        description="API tokens as role:token pairs, comma-separated (roles admin, reader). "
+        "Unset: an admin token is generated in <data>/api-token.",
+    )
+    metrics_open: bool = Field(
+        default=False,
+        description="Serve /metrics without a token (for a scraper on a private network).",
+    )
+    environment: Literal["production", "development"] = Field(
+        default="production",
+        description="development allows placeholder API tokens; production refuses them.",
+    )
     dicom_tls_cert: Path | None = Field(
         default=None, description="PEM certificate of the listener: with the key, it speaks TLS."
     )
@@ -213,6 +232,14 @@ class Settings(BaseSettings):
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE.fullmatch(value):
+            raise ValueError(f"{value!r} is not auto, cpu or cuda[:N]")
         return value
 
     @field_validator("log_level", mode="before")

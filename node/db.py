@@ -8,6 +8,7 @@ carries identifiers. SQLite (WAL mode) by default, PostgreSQL by URL.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import Enum as SQLEnum
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -105,6 +107,8 @@ def _state_column(enum: type[StrEnum]) -> SQLEnum:
 class Base(DeclarativeBase):
     type_annotation_map = {  # noqa: RUF012
         dict[str, Any]: JSON,
+        list[int]: JSON,
+        list[dict[str, Any]]: JSON,
         StudyState: _state_column(StudyState),
         JobState: _state_column(JobState),
         ExportState: _state_column(ExportState),
@@ -208,6 +212,72 @@ class ImageResultRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class StageRun(Base):
+    """One execution of a job stage by a worker process (what recovery after a crash reads)."""
+
+    __tablename__ = "stage_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(32))
+    """The Celery task name."""
+    worker: Mapped[str] = mapped_column(String(128), index=True)
+    """The worker (``host:pid`` of its main process) whose pool process runs the stage."""
+    pid: Mapped[int] = mapped_column(Integer)
+    """The pool process."""
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, index=True)
+    lost: Mapped[bool] = mapped_column(default=False)
+    """The process died while running the stage (found by the reconciler)."""
+
+
+class WorkerHeartbeat(Base):
+    """A live Celery worker: what it serves and whether it can analyse (updated every few s)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    """``host:pid`` of the worker's main process."""
+    queues: Mapped[str] = mapped_column(String(64))
+    pool_pids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    can_analyse: Mapped[bool] = mapped_column(default=False)
+    """It consumes the inference queue and its device and model packs are usable."""
+    device: Mapped[str | None] = mapped_column(String(32))
+    packs: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    problem: Mapped[str | None] = mapped_column(Text)
+    """Why it cannot analyse (a missing pack, CUDA requested but absent)."""
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class AuditEvent(Base):
+    """One entry of the append-only audit trail (never updated, never deleted by the node;
+    no pixel data, no patient names: identifiers, actors and outcomes)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_study_time", "study_instance_uid", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128), index=True)
+    """``dicom:<calling AE>@<address>``, ``api:<role>:<token id>@<address>``, ``worker``,
+    ``scheduler``, ``cli``."""
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class PurgedStudy(Base):
+    """A study whose spooled pixel data were deleted by retention (results and audit stay)."""
+
+    __tablename__ = "purged_studies"
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    purged_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    files: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(Integer)
+
+
 class Export(Base):
     __tablename__ = "exports"
 
@@ -281,13 +351,27 @@ class Database:
         self.engine.dispose()
 
 
-def open_database(url: str, data_dir: Path | None = None) -> Database:
+def open_database(url: str, data_dir: Path | None = None, *,
+                  wait_seconds: float = 0.0) -> Database:
     """Open (and create the schema of) the index at ``url``.
 
-    The data directory is created first so that the default SQLite file can be made.
+    The data directory is created first so that the default SQLite file can be made. With
+    ``wait_seconds``, a database that cannot be reached yet (PostgreSQL still starting) is
+    retried with backoff for that long before the error is raised.
     """
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(url)
-    db.create_schema()
-    return db
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.5
+    while True:
+        try:
+            db.create_schema()
+            return db
+        except OperationalError as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database not reachable yet (%s); retrying in %.1f s",
+                           type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import Counter
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 from pydicom import dcmread
 
-from node import sop_classes
+from node import audit, sop_classes
 from node.index import InstanceMeta, InvalidInstance, RegisterOutcome, is_indexed, register_instance
 from node.logs import describe_error
 from node.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED, RECEIVE_SECONDS
@@ -58,6 +60,42 @@ class StorePolicy:
     max_inflated_bytes: int = 512 * 1024 * 1024
 
 
+class Reception:
+    """What each association stored and refused, written to the audit trail when it ends."""
+
+    def __init__(self) -> None:
+        self._tallies: dict[int, Counter[str]] = {}
+        self._studies: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def count(self, event: Event, outcome: str, study_uid: str | None = None) -> None:
+        key = id(event.assoc)
+        with self._lock:
+            self._tallies.setdefault(key, Counter())[outcome] += 1
+            if study_uid:
+                self._studies.setdefault(key, set()).add(study_uid)
+
+    def close(self, event: Event, db: Database) -> None:
+        """EVT_CONN_CLOSE: one audit event per study the connection sent (if it stored or
+        refused anything)."""
+        key = id(event.assoc)
+        with self._lock:
+            tally = self._tallies.pop(key, None)
+            studies = sorted(self._studies.pop(key, set()))
+        if not tally:
+            return
+        requestor = event.assoc.requestor
+        actor = f"dicom:{str(requestor.ae_title).strip()}@{requestor.address}"
+        try:
+            with db.session() as session:
+                targets: list[str | None] = list(studies) or [None]
+                for study in targets:
+                    audit.record(session, actor, audit.Action.RECEIVED, study=study,
+                                 detail={**dict(tally), "studies": len(studies)})
+        except Exception:
+            logger.exception("audit of the association from %s not recorded", actor)
+
+
 def handle_echo(event: Event) -> int:
     """C-ECHO: always Success (verification)."""
     logger.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
@@ -70,7 +108,8 @@ def _reject(status: StoreStatus, reason: str, message: str, *args: object) -> in
     return int(status)
 
 
-def handle_store(event: Event, spool: Spool, db: Database, policy: StorePolicy) -> int:
+def handle_store(event: Event, spool: Spool, db: Database, policy: StorePolicy,
+                 reception: Reception | None = None) -> int:
     """C-STORE: make the instance durable, index it, and only then answer Success.
 
     The dataset arrives as a file written by pynetdicom in the spool's incoming
@@ -87,13 +126,21 @@ def handle_store(event: Event, spool: Spool, db: Database, policy: StorePolicy) 
 
     try:
         with RECEIVE_SECONDS.time():
-            if temp_path is not None:
-                failure = receive_failure(temp_path)
-                if failure is not None:
-                    return _reject(StoreStatus.OUT_OF_RESOURCES, "receive_failed",
-                                   "from %s: the dataset could not be written (%s)",
-                                   calling_ae, failure)
-            return _store(event, spool, db, policy, calling_ae, temp_path)
+            status, study_uid = StoreStatus.OUT_OF_RESOURCES, None
+            failure = receive_failure(temp_path) if temp_path is not None else None
+            if failure is not None:
+                status = StoreStatus(_reject(StoreStatus.OUT_OF_RESOURCES, "receive_failed",
+                                             "from %s: the dataset could not be written (%s)",
+                                             calling_ae, failure))
+            else:
+                studies: list[str] = []
+                status = StoreStatus(_store(event, spool, db, policy, calling_ae, temp_path,
+                                            studies))
+                study_uid = studies[0] if studies else None
+            if reception is not None:
+                reception.count(event, "stored" if status is StoreStatus.SUCCESS
+                                else f"refused_0x{int(status):04X}", study_uid)
+            return int(status)
     finally:
         # pynetdicom unlinks its temp file too; this covers every early return.
         if temp_path is not None and temp_path.exists():
@@ -110,6 +157,7 @@ def _store(
     policy: StorePolicy,
     calling_ae: str,
     temp_path: Path | None,
+    studies: list[str],
 ) -> int:
     if policy.calling_ae_whitelist and calling_ae not in policy.calling_ae_whitelist:
         return _reject(StoreStatus.NOT_AUTHORISED, "calling_ae", "AE %r not allowed", calling_ae)
@@ -151,6 +199,7 @@ def _store(
                            "from %s: dataset is truncated or corrupt (%s)", calling_ae,
                            describe_error(exc))
 
+    studies.append(meta.study_instance_uid)
     if meta.sop_instance_uid != str(request.AffectedSOPInstanceUID).strip() or (
         meta.sop_class_uid != str(request.AffectedSOPClassUID).strip()
     ):

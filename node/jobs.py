@@ -27,6 +27,7 @@ from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from dicom_sr.model import StudyResult
+from node import audit
 from node.db import (
     Export,
     ExportState,
@@ -201,6 +202,11 @@ def record_result(session: Session, job_id: int, result: StudyResult, *,
     job = advance(session, job_id, JobState.INFERRED, seconds=seconds, result=result.to_json())
     if job is None:
         return False
+    audit.record(session, "worker", audit.Action.ANALYSED, study=job.study_instance_uid,
+                 detail={"job": job_id, "images": len(result.images),
+                         "needs_review": result.needs_review,
+                         "packs": [{"name": a.name, "version": a.version, "sha256": a.sha256}
+                                   for a in result.algorithms]})
     uids = [image.sop_instance_uid for image in result.images]
     session.execute(delete(ImageResultRow).where(ImageResultRow.sop_instance_uid.in_(uids),
                                                  ImageResultRow.job_id != job_id))
@@ -272,6 +278,9 @@ def record_report(session: Session, job_id: int, *, sop_instance_uid: str, sr_pa
                   sr_sop_instance_uid=sop_instance_uid, sr_path=sr_path)
     if job is None:
         return None
+    audit.record(session, "worker", audit.Action.REPORTED, study=job.study_instance_uid,
+                 detail={"job": job_id, "sr_sop_instance_uid": sop_instance_uid,
+                         "destinations": list(destinations)})
     study = session.get(Study, job.study_instance_uid)
     exports = [Export(job_id=job.id, study_instance_uid=job.study_instance_uid,
                       destination=destination, state=ExportState.PENDING)
@@ -313,6 +322,9 @@ def export_sent(session: Session, export_id: int) -> None:
     export.state = ExportState.SENT
     export.sent_at = export.updated_at = utcnow()
     export.last_error = None
+    audit.record(session, "worker", audit.Action.EXPORTED, study=export.study_instance_uid,
+                 detail={"export": export_id, "destination": export.destination,
+                         "attempts": export.attempts})
     settle(session, export.job_id)
 
 
@@ -327,6 +339,10 @@ def export_failed(session: Session, export_id: int, state: ExportState,
         export.state = state
         export.last_error = error[:MAX_ERROR_CHARS]
         export.updated_at = utcnow()
+        if state is ExportState.DEAD:
+            audit.record(session, "worker", audit.Action.DEAD_LETTERED,
+                         study=export.study_instance_uid,
+                         detail={"export": export_id, "destination": export.destination})
         settle(session, export.job_id)
     return export.destination
 

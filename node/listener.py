@@ -38,7 +38,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from node.handlers import StorePolicy, handle_echo, handle_store, set_incoming_dir
+from node.handlers import (
+    Reception,
+    StorePolicy,
+    handle_echo,
+    handle_store,
+    set_incoming_dir,
+)
 from node.metrics import CONNECTIONS_REFUSED
 from node.receive import install_guarded_receive
 from node.sop_classes import SOPClass
@@ -290,9 +296,11 @@ def start_listener(
         max_inflated_bytes=settings.max_inflated_bytes,
     )
     ae = build_ae(settings)
+    reception = Reception()
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, db, policy]),
+        (evt.EVT_C_STORE, handle_store, [spool, db, policy, reception]),
+        (evt.EVT_CONN_CLOSE, reception.close, [db]),
         (evt.EVT_REQUESTED, refuse_when_disk_low, [settings.incoming_dir,
                                                    settings.min_free_bytes]),
     ]

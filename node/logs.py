@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import warnings
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -87,4 +86,3 @@ def configure(role: str, *, level: str, fmt: LogFormat = LogFormat.TEXT) -> None
     # Python's warnings go through logging, where pydicom's lose their quoted values.
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").addFilter(PydicomWarningFilter())
-    warnings.simplefilter("default")

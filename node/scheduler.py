@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select
 
-from node import jobs
+from node import heartbeats, jobs
 from node.db import Database, Export, Job, JobState, Study, utcnow
 from node.metrics import SCHEDULER_RECONCILED, STUDIES_COMPLETED
 
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 #: A job re-dispatched this many times is failed instead.
 MAX_JOB_ATTEMPTS = 5
+#: A job whose worker process died this many times is failed (a study that crashes the
+#: decoder or the models must not take down worker after worker).
+MAX_LOST_RUNS = 3
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,31 @@ def reconcile(
     return len(stale_jobs) + len(exports)
 
 
+def recover_lost_runs(db: Database, dispatcher: Dispatcher) -> int:
+    """Re-dispatch, within seconds, the jobs whose worker process died mid-stage.
+
+    Returns how many were re-dispatched (failed poison jobs not counted).
+    """
+    redispatch: list[tuple[int, JobState]] = []
+    with db.session() as session:
+        for run in heartbeats.lost_runs(session):
+            lost = heartbeats.mark_lost(session, run)
+            job = session.get(Job, run.job_id)
+            if job is None or job.state not in (*jobs.RUNNING, JobState.REPORTED):
+                continue
+            logger.warning("job %d: the process running %s on %s died (%d lost run(s))",
+                           job.id, run.stage, run.worker, lost)
+            if lost >= MAX_LOST_RUNS:
+                jobs.fail(session, job, f"the worker process died {lost} times running "
+                          f"{run.stage} on this study")
+                continue
+            redispatch.append((job.id, job.state))
+    for job_id, state in dict(redispatch).items():
+        SCHEDULER_RECONCILED.labels(kind="lost_run").inc()
+        _dispatch_job(db, dispatcher, job_id, state)
+    return len(set(dict(redispatch)))
+
+
 def run_scheduler(
     db: Database,
     dispatcher: Dispatcher,
@@ -140,15 +169,23 @@ def run_scheduler(
     stale_seconds: float,
     export_grace_seconds: float,
     stop: threading.Event | None = None,
+    retention: Callable[[], object] | None = None,
 ) -> None:
-    """Loop until ``stop`` is set: start complete studies every interval, reconcile every 10."""
+    """Loop until ``stop`` is set: start complete studies every interval, recover lost runs
+    every 5, reconcile every 10, and run ``retention`` (if any) once an hour."""
     stop = stop or threading.Event()
     passes = 0
+    next_retention = time.monotonic()
     logger.info("scheduler: stable after %.1f s, stale after %.0f s", stable_seconds,
                 stale_seconds)
     while not stop.is_set():
         try:
             start_complete_studies(db, dispatcher, stable_seconds=stable_seconds)
+            if passes % 5 == 0:
+                recover_lost_runs(db, dispatcher)
+            if retention is not None and time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + 3600
+                retention()
             if passes % 10 == 0:
                 reconcile(db, dispatcher, stale_seconds=stale_seconds,
                           export_grace_seconds=export_grace_seconds)

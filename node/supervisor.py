@@ -3,7 +3,11 @@
 Starts the embedded broker when no broker URL is configured, then the listener, the
 API, the scheduler and one Celery worker consuming both queues, each as its own
 ``sononode <role>`` process (the same commands the compose deployment runs), and
-restarts a child that dies. SIGINT/SIGTERM stop everything in order.
+restarts a child that dies, with a backoff that doubles (up to :data:`MAX_BACKOFF`) while
+it keeps dying and resets once it has run for :data:`STABLE_AFTER` seconds. One failing
+role never stops the others: modalities keep sending to the listener while, say, the
+database-bound API waits for its database. At start it waits up to
+:data:`DATABASE_WAIT` seconds for the database. SIGINT/SIGTERM stop everything in order.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from sqlalchemy.exc import OperationalError
 
 from node.broker import die_with_parent, embedded_broker_socket, start_embedded_redis
 from node.config import Settings
@@ -28,20 +34,38 @@ ROLES: tuple[tuple[str, ...], ...] = (
     ("scheduler",),
     ("worker", "--queues", "cpu,gpu"),
 )
-#: A child restarted more often than this within RESTART_WINDOW brings the node down.
-MAX_RESTARTS = 5
-RESTART_WINDOW = 60.0
+#: First delay before restarting a role that died; doubles while it keeps dying.
+FIRST_BACKOFF = 1.0
+MAX_BACKOFF = 60.0
+#: A role that ran this long before dying is restarted after FIRST_BACKOFF again.
+STABLE_AFTER = 60.0
+#: How long ``sononode up`` waits for the database at start.
+DATABASE_WAIT = 120.0
 
 
 @dataclass
 class Child:
     args: tuple[str, ...]
     process: subprocess.Popen[bytes] | None = None
-    restarts: list[float] = field(default_factory=list)
+    started: float = 0.0
+    backoff: float = FIRST_BACKOFF
+    restart_at: float | None = None
+    """When a dead child is due to be started again."""
+    deaths: int = 0
 
     @property
     def name(self) -> str:
         return self.args[0]
+
+    def died(self, now: float) -> float:
+        """Schedule the restart of a child that exited; the delay chosen."""
+        if now - self.started >= STABLE_AFTER:
+            self.backoff = FIRST_BACKOFF
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        self.restart_at = now + delay
+        self.deaths += 1
+        return delay
 
 
 def _spawn(child: Child, env: dict[str, str]) -> None:
@@ -49,6 +73,8 @@ def _spawn(child: Child, env: dict[str, str]) -> None:
         [sys.executable, "-m", "node.cli", *child.args], env=env,
         preexec_fn=die_with_parent,
     )
+    child.started = time.monotonic()
+    child.restart_at = None
     logger.info("started %s (pid %d)", child.name, child.process.pid)
 
 
@@ -62,8 +88,14 @@ def run_up(settings: Settings) -> int:
     env = dict(os.environ)
     env["SONONODE_DATA_DIR"] = str(data_dir)
 
-    # Create the schema once before the children race to do it.
-    open_database(settings.effective_database_url, data_dir).dispose()
+    # Create the schema once before the children race to do it, waiting for the database.
+    try:
+        open_database(settings.effective_database_url, data_dir,
+                      wait_seconds=DATABASE_WAIT).dispose()
+    except OperationalError as exc:
+        logger.error("the database is not reachable after %.0f s: %s", DATABASE_WAIT,
+                     type(exc).__name__)
+        return 1
 
     stopping = False
 
@@ -89,26 +121,28 @@ def run_up(settings: Settings) -> int:
         settings.ae_title, settings.dicom_host, settings.dicom_port, settings.http_host,
         settings.http_port, data_dir,
     )
-    code = 0
     try:
         while not stopping:
-            time.sleep(0.5)
+            time.sleep(0.2)
+            now = time.monotonic()
             for child in children:
                 assert child.process is not None
-                status = child.process.poll()
-                if status is None or stopping:
-                    continue
-                now = time.monotonic()
-                child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW]
-                if len(child.restarts) >= MAX_RESTARTS:
-                    logger.error("%s keeps dying (exit %s); stopping the node", child.name,
-                                 status)
-                    stopping = True
-                    code = 1
+                if stopping:
                     break
-                logger.error("%s exited with %s; restarting", child.name, status)
-                child.restarts.append(now)
-                _spawn(child, env)
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        _spawn(child, env)
+                    continue
+                status = child.process.poll()
+                if status is None:
+                    continue
+                delay = child.died(now)
+                logger.error("%s exited with %s (death %d); restarting in %.0f s", child.name,
+                             status, child.deaths, delay)
+            if broker is not None and broker.poll() is not None and not stopping:
+                # Its append-only file keeps the queued messages across the restart.
+                logger.error("embedded broker exited with %s; restarting it", broker.returncode)
+                broker = start_embedded_redis(embedded_broker_socket(settings), data_dir)
     finally:
         for child in reversed(children):
             if child.process and child.process.poll() is None:
@@ -129,4 +163,4 @@ def run_up(settings: Settings) -> int:
             except subprocess.TimeoutExpired:
                 broker.kill()
         logger.info("sononode stopped")
-    return code
+    return 0

@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.peers import get_port
+from harness.peers import Orthanc, get_port, make_orthanc
 from node.config import Settings
 from node.db import Database, open_database
+
+#: API tokens of the test settings.
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+READER_TOKEN = "test-reader-token-0123456789abcdef"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+READER = {"Authorization": f"Bearer {READER_TOKEN}"}
 
 
 @pytest.fixture
@@ -20,6 +26,7 @@ def settings(tmp_path: Path) -> Settings:
         dicom_port=get_port(),
         http_port=get_port(),
         study_stable_seconds=0.5,
+        api_tokens=f"admin:{ADMIN_TOKEN},reader:{READER_TOKEN}",
     )
 
 
@@ -28,3 +35,12 @@ def db(settings: Settings) -> Iterator[Database]:
     database = open_database(settings.effective_database_url, settings.data_dir)
     yield database
     database.dispose()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """A real Orthanc PACS on free ports, for the tests of one module."""
+    pacs = make_orthanc(tmp_path_factory.mktemp("orthanc"))
+    pacs.start()
+    yield pacs
+    pacs.stop()

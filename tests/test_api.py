@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ADMIN, READER
 from fastapi.testclient import TestClient
 from fixtures import make_us_dataset
 from test_scheduler import Recorder
@@ -30,7 +31,9 @@ def recorder() -> Recorder:
 
 @pytest.fixture
 def client(settings: Settings, db: Database, recorder: Recorder) -> TestClient:
-    return TestClient(create_app(settings, db, dispatcher=recorder.dispatcher()))
+    """An admin's client."""
+    return TestClient(create_app(settings, db, dispatcher=recorder.dispatcher()),
+                      headers=ADMIN)
 
 
 def _study_with_export(db: Database, state: ExportState) -> int:
@@ -50,15 +53,28 @@ def _study_with_export(db: Database, state: ExportState) -> int:
         return export.id
 
 
-def test_health_and_ready(client: TestClient) -> None:
+def test_health_and_ready(client: TestClient, db: Database) -> None:
+    """Ready only while a live worker can analyse; not ready, with the reason, otherwise."""
+    from node import heartbeats
+
     assert client.get("/health").json() == {"status": "ok"}
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.json()["checks"]["analysis"].startswith("error: no live worker")
+    with db.session() as session:
+        heartbeats.beat(session, "host:1", queues=["gpu"], pool_pids=[], can_analyse=False,
+                        device=None, packs=[], problem="SONONODE_DEVICE=cuda: no CUDA")
+    assert "no CUDA" in client.get("/ready").json()["checks"]["analysis"]
+    with db.session() as session:
+        heartbeats.beat(session, "host:2", queues=["cpu", "gpu"], pool_pids=[],
+                        can_analyse=True, device="cpu", packs=[], problem=None)
     body = client.get("/ready").json()
     assert body["ready"] is True and body["checks"]["database"] == "ok"
 
 
 def test_ready_reports_an_unreachable_broker(settings: Settings, db: Database) -> None:
     app = create_app(settings, db, redis_url="unix:///nonexistent/redis.sock")
-    response = TestClient(app).get("/ready")
+    response = TestClient(app, headers=ADMIN).get("/ready")
     assert response.status_code == 503
     assert response.json()["checks"]["broker"].startswith("error")
 
@@ -145,7 +161,7 @@ def test_models_lists_configured_packs(settings: Settings, db: Database, tmp_pat
     (broken / "manifest.json").write_text(json.dumps({"name": "demo", "version": "1"}))
     paths = [bundled, broken, tmp_path / "missing"]
     app = create_app(settings, db, models_catalogue=lambda: describe_packs(paths))
-    models = TestClient(app).get("/models").json()["models"]
+    models = TestClient(app, headers=ADMIN).get("/models").json()["models"]
     assert models[0]["name"] == json.loads((bundled / "manifest.json").read_text())["name"]
     assert len(models[0]["manifest_sha256"]) == 64
     assert "format_version" in models[1]["error"]
@@ -157,3 +173,58 @@ def test_openapi(client: TestClient) -> None:
     for path in ("/health", "/ready", "/metrics", "/studies", "/studies/{study_uid}",
                  "/exports", "/exports/{export_id}/replay", "/models", "/drift"):
         assert path in paths
+
+
+def test_no_token_no_patient_data(settings: Settings, db: Database) -> None:
+    anonymous = TestClient(create_app(settings, db))
+    for path in ("/studies", "/studies/1.2.3", "/exports", "/models", "/drift", "/metrics"):
+        response = anonymous.get(path)
+        assert response.status_code == 401, path
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert anonymous.get("/studies", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert anonymous.get("/health").status_code == 200
+    assert anonymous.post("/exports/1/replay").status_code == 401
+
+
+def test_a_reader_reads_but_does_not_act(settings: Settings, db: Database,
+                                         recorder: Recorder) -> None:
+    export_id = _study_with_export(db, ExportState.DEAD)
+    reader = TestClient(create_app(settings, db, dispatcher=recorder.dispatcher()),
+                        headers=READER)
+    assert reader.get("/studies").status_code == 200
+    response = reader.post(f"/exports/{export_id}/replay")
+    assert response.status_code == 403
+    assert recorder.exports == []
+
+
+def test_metrics_can_be_opened_for_a_scraper(settings: Settings, db: Database) -> None:
+    opened = settings.model_copy(update={"metrics_open": True})
+    assert TestClient(create_app(opened, db)).get("/metrics").status_code == 200
+
+
+def test_without_configured_tokens_an_admin_token_is_generated(settings: Settings,
+                                                               db: Database) -> None:
+    from pydantic import SecretStr
+
+    bare = settings.model_copy(update={"api_tokens": SecretStr("")})
+    app = create_app(bare, db)
+    path = bare.data_dir / "api-token"
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = path.read_text().strip()
+    assert len(token) >= 32
+    client = TestClient(app)
+    assert client.get("/studies").status_code == 401
+    assert client.get("/studies", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    # The same token on the next start.
+    create_app(bare, db)
+    assert path.read_text().strip() == token
+
+
+def test_placeholder_tokens_are_refused_outside_development() -> None:
+    from node.auth import TokenError, parse_tokens
+
+    with pytest.raises(TokenError, match="placeholder"):
+        parse_tokens("admin:change-me")
+    with pytest.raises(TokenError, match="role must be"):
+        parse_tokens("root:0123456789abcdef0123")
+    assert len(parse_tokens("admin:change-me", development=True)) == 1

@@ -61,7 +61,7 @@ def test_shared_spool_and_declared_volumes(compose: dict) -> None:
             assert "spool:/data" in service["volumes"]
             env = service["environment"]
             assert env["SONONODE_DATA_DIR"] == "/data"
-            assert env["SONONODE_BROKER_URL"].startswith("redis://redis:")
+            assert env["SONONODE_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD:?")
             assert env["SONONODE_DATABASE_URL"].startswith("postgresql+psycopg://")
             # One metrics folder per container: process ids repeat across containers.
             assert env["SONONODE_METRICS_SUBDIR"] == name
@@ -90,3 +90,15 @@ def test_prometheus_scrapes_the_api() -> None:
     alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
     exprs = " ".join(r["expr"] for g in alerts["groups"] for r in g["rules"])
     assert "sononode_drift_psi" in exprs and "sononode_exports" in exprs
+
+
+def test_no_secret_in_compose_and_http_only_on_loopback(compose: dict) -> None:
+    """Every secret comes from the environment (compose refuses to start without it), and
+    no HTTP port is published beyond the host's loopback."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for secret in ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "SONONODE_API_TOKENS"):
+        assert f"${{{secret}:?" in text, secret
+    for name in ("api", "prometheus", "orthanc"):
+        for port in compose["services"][name].get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
+    assert "--requirepass" in compose["services"]["redis"]["command"]

@@ -8,7 +8,6 @@ view, the finding and its probability in ``dsrdump``.
 from __future__ import annotations
 
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from fixtures import require_tools
 from pydicom import Dataset, dcmread
 
 from dicom_sr.reader import read_sr
+from harness.databases import create_postgres, drop_postgres
 from harness.peers import Node, Orthanc, dcmsend, make_orthanc, start_node, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.dcmtk,
@@ -31,39 +31,13 @@ def _tools() -> None:
     require_tools("dcmsend", "dsrdump", "dciodvfy", "Orthanc")
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    pacs = make_orthanc(tmp_path_factory.mktemp("orthanc"))
-    pacs.start()
-    yield pacs
-    pacs.stop()
-
-
-def _postgres_url() -> str:
-    """A fresh PostgreSQL database on the local server (dropped by the fixture)."""
-    import psycopg
-
-    name = f"sononode_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
-def _drop_postgres(url: str) -> None:
-    import psycopg
-
-    name = url.rsplit("/", 1)[1]
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
-        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="module", params=["embedded", "redis-postgres"])
 def node(request: pytest.FixtureRequest, orthanc: Orthanc,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     extra: dict[str, str] = {}
     database_url = None
     if request.param == "redis-postgres":
-        database_url = _postgres_url()
+        database_url = create_postgres()
         # A database number of its own on the shared server, flushed first.
         import redis
 
@@ -75,7 +49,7 @@ def node(request: pytest.FixtureRequest, orthanc: Orthanc,
     yield running
     running.stop()
     if database_url:
-        _drop_postgres(database_url)
+        drop_postgres(database_url)
 
 
 @pytest.fixture
@@ -167,7 +141,17 @@ def test_study_to_sr_in_pacs(node: Node, orthanc: Orthanc, tmp_path: Path,
     assert study["state"] == "exported"
     assert study["jobs"][-1]["exports"][0]["state"] == "sent"
     assert len(study["instances"]) == len(files)
-    metrics = httpx.get(node.url + "/metrics", timeout=10).text
+    metrics = node.get_text("/metrics")
+    # The audit trail tells who sent it, what analysed it and where the SR went.
+    events = node.get(f"/audit?study={study_uid}")["events"]
+    actions = {e["action"]: e for e in events}
+    assert {"received", "analysed", "reported", "exported", "api"} <= set(actions)
+    assert actions["received"]["actor"].startswith("dicom:MODALITY@127.0.0.1")
+    assert all(len(p["sha256"]) == 64 for p in actions["analysed"]["detail"]["packs"])
+    assert actions["exported"]["detail"]["destination"] == orthanc.destination
+    # Nobody gets in without a token: patient data, metrics, actions.
+    for path in ("/studies", f"/studies/{study_uid}", "/metrics", "/exports"):
+        assert httpx.get(node.url + path, timeout=10).status_code == 401, path
     assert "sononode_instances_received_total" in metrics
     assert "sononode_task_seconds_bucket" in metrics
     assert 'sononode_queue_depth{queue="gpu"}' in metrics
@@ -268,7 +252,7 @@ def test_dead_letter_and_replay(tmp_path: Path) -> None:
                         timeout=SR_TIMEOUT, what="dead-lettered export")
         assert dead[0]["study_instance_uid"] == study_uid
         pacs.start()
-        response = httpx.post(f"{running.url}/exports/{dead[0]['id']}/replay", timeout=10)
+        response = running.post(f"/exports/{dead[0]['id']}/replay")
         assert response.status_code == 202
         assert len(_wait_srs(pacs, study_uid, 1)) == 1
         wait_for(lambda: running.get(f"/studies/{study_uid}")["state"] == "exported",

@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 from dicom_sr.reader import SRSummary, read_sr
-from harness.peers import Node, Orthanc, dcmsend, make_orthanc, start_node, wait_for
+from harness.peers import Node, Orthanc, dcmsend, start_node, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -79,14 +79,6 @@ def pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return out
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    pacs = make_orthanc(tmp_path_factory.mktemp("orthanc"))
-    pacs.start()
-    yield pacs
-    pacs.stop()
 
 
 @pytest.fixture(scope="module")

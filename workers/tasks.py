@@ -15,17 +15,19 @@ from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 from sqlalchemy.exc import OperationalError
 
+from node import heartbeats
 from node.config import get_settings
 from node.db import ExportState, open_database
 from node.jobs import JobGone
 from node.spool import Spool
 from workers import pipeline, signals
-from workers.celery_app import app
+from workers.celery_app import GPU_QUEUE, app
 from workers.dispatch import TaskName, dispatch_export
 from workers.export import ExportTransientError
+from workers.heartbeat import Heartbeat, worker_name
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,32 @@ def _init_process(**_: Any) -> None:
         ctx.analyser()
 
 
+_heartbeat: Heartbeat | None = None
+
+
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    """In the worker's main process: beat with the pool's processes and what it serves."""
+    global _heartbeat
+    pool = sender.controller.pool
+    queues = list(sender.app.amqp.queues.consume_from or ())
+    ctx = context()
+    _heartbeat = Heartbeat(ctx.db, ctx.settings, queues,
+                           lambda: pool.info.get("processes", []))
+    if GPU_QUEUE in queues and not _heartbeat.capability.can_analyse:
+        # A worker that cannot analyse must not take inference work: the messages wait for
+        # one that can, and /ready says why none does.
+        sender.cancel_task_queue(GPU_QUEUE)
+        _heartbeat.queues = [q for q in queues if q != GPU_QUEUE]
+    _heartbeat.start()
+
+
+@worker_shutting_down.connect
+def _stop_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
+
+
 class JobTask(Task):  # type: ignore[misc]
     """A job stage: a permanent failure marks the job failed (visible in the API).
 
@@ -73,11 +101,21 @@ class JobTask(Task):  # type: ignore[misc]
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
+        job_id = int(args[0] if args else kwargs["job_id"])
+        ctx = context()
+        with ctx.db.session() as session:
+            # The pool process's parent is the worker's main process, which beats.
+            run_id = heartbeats.start_run(session, job_id, self.name,
+                                          worker=worker_name(os.getppid()), pid=os.getpid())
         try:
             outcome = super().__call__(*args, **kwargs)
         except JobGone as exc:
             logger.info("%s: %s", self.name, exc)
             return
+        finally:
+            if run_id is not None:
+                with ctx.db.session() as session:
+                    heartbeats.finish_run(session, run_id)
         if outcome is not None:
             signals.stage_finished(outcome)
 

@@ -10,9 +10,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from node.auth import Authenticator, Principal, Role
 from node.config import Settings
 from node.db import Database
 from node.scheduler import Dispatcher
@@ -33,6 +35,7 @@ class ApiContext:
     models: ModelCatalogue
     multiprocess_metrics: bool
     """Aggregate the prometheus-client multiprocess files of every node process."""
+    auth: Authenticator
 
 
 def get_context(request: Request) -> ApiContext:
@@ -49,6 +52,33 @@ def get_session(context: Annotated[ApiContext, Depends(get_context)]) -> Iterato
         yield session
 
 
+_bearer = HTTPBearer(auto_error=False, description="An API token (SONONODE_API_TOKENS).")
+
+
+def get_principal(
+    request: Request,
+    context: Annotated[ApiContext, Depends(get_context)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The caller: 401 without a known bearer token."""
+    principal = context.auth.principal(credentials.credentials) if credentials else None
+    if principal is None:
+        raise HTTPException(status_code=401, detail="a valid API token is required "
+                            "(Authorization: Bearer <token>)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    request.state.principal = principal
+    return principal
+
+
+def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    """The caller, who must hold an admin token (403 for a reader)."""
+    if not principal.may(Role.ADMIN):
+        raise HTTPException(status_code=403, detail="this needs an admin token")
+    return principal
+
+
 ContextDep = Annotated[ApiContext, Depends(get_context)]
+ReaderDep = Annotated[Principal, Depends(get_principal)]
+AdminDep = Annotated[Principal, Depends(require_admin)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]

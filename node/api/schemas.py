@@ -174,3 +174,18 @@ class VendorDrift(_Body):
 class DriftReport(_Body):
     vendors: list[VendorDrift]
     threshold_hint: float
+
+
+class AuditEventOut(_Body):
+    """One audit event: who did what to which study, when."""
+
+    id: int
+    at: UTCDateTime
+    actor: str
+    action: str
+    study_instance_uid: str | None
+    detail: dict[str, Any]
+
+
+class AuditList(_Body):
+    events: list[AuditEventOut]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from node.api.deps import ContextDep
+from node.api.deps import ContextDep, get_principal
 from node.api.schemas import DriftReport, VendorDrift
 from node.drift import PSI_ALERT, compute_drift
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], dependencies=[Depends(get_principal)])
 
 
 @router.get("/drift", response_model=DriftReport)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from sqlalchemy import select
 
 from node import jobs
-from node.api.deps import ContextDep, SessionDep
+from node.api.deps import AdminDep, ContextDep, SessionDep, get_principal
 from node.api.schemas import ExportList, ExportOut
 from node.db import Export, ExportState
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/exports", tags=["exports"])
+router = APIRouter(prefix="/exports", tags=["exports"], dependencies=[Depends(get_principal)])
 
 #: Export ids are 32-bit integers in PostgreSQL.
 MAX_ID = 2**31 - 1
@@ -35,12 +35,13 @@ def list_exports(
 
 
 @router.post("/{export_id}/replay", status_code=202, response_model=ExportOut,
-             responses={404: {"description": "No such export"},
+             responses={403: {"description": "Needs an admin token"},
+                        404: {"description": "No such export"},
                         409: {"description": "Not a dead letter"},
                         503: {"description": "Broker unavailable"}})
 def replay_export(export_id: Annotated[int, Path(ge=1, le=MAX_ID)], context: ContextDep,
-                  session: SessionDep) -> ExportOut:
-    """Send a dead-lettered export again."""
+                  session: SessionDep, admin: AdminDep) -> ExportOut:
+    """Send a dead-lettered export again (admin)."""
     if context.dispatcher is None:
         raise HTTPException(status_code=503, detail="this API cannot dispatch work")
     try:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from node.api.deps import ContextDep
+from node.api.deps import ContextDep, get_principal
 from node.api.schemas import ModelList
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], dependencies=[Depends(get_principal)])
 
 
 @router.get("/models", response_model=ModelList)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
@@ -12,6 +12,7 @@ from node.api.collectors import NodeCollector, SharedMetricsCollector
 from node.api.deps import ContextDep
 from node.api.schemas import Health, Readiness
 from node.broker import ping
+from node.heartbeats import live_workers
 
 router = APIRouter(tags=["operations"])
 
@@ -25,7 +26,8 @@ def health() -> Health:
 @router.get("/ready", response_model=Readiness,
             responses={503: {"model": Readiness, "description": "Not ready"}})
 def ready(context: ContextDep) -> Response:
-    """Readiness: database, broker and spool reachable."""
+    """Readiness: database, broker and spool reachable, and a live worker able to analyse
+    (its device and model packs usable)."""
     checks: dict[str, str] = {}
     try:
         context.db.ping()
@@ -38,6 +40,18 @@ def ready(context: ContextDep) -> Response:
             checks["broker"] = "ok"
         except Exception as exc:
             checks["broker"] = f"error: {exc}"
+    try:
+        with context.db.session() as session:
+            workers = live_workers(session)
+        able = [w for w in workers if w.can_analyse]
+        if able:
+            checks["analysis"] = "ok"
+        else:
+            problems = sorted({f"{w.name}: {w.problem}" for w in workers if w.problem})
+            checks["analysis"] = "error: no live worker can analyse" + (
+                f" ({'; '.join(problems)})" if problems else " (no worker is running)")
+    except Exception as exc:
+        checks["analysis"] = f"error: {type(exc).__name__}"
     spool = context.settings.spool_dir
     try:
         spool.mkdir(parents=True, exist_ok=True)
@@ -54,8 +68,16 @@ def ready(context: ContextDep) -> Response:
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
                              "description": "Prometheus text exposition format"}})
-def metrics(context: ContextDep) -> Response:
-    """Prometheus metrics of every node process plus index and broker gauges."""
+def metrics(context: ContextDep, request: Request) -> Response:
+    """Prometheus metrics of every node process plus index and broker gauges (a token is
+    needed unless SONONODE_METRICS_OPEN)."""
+    if not context.settings.metrics_open:
+        credentials = request.headers.get("authorization", "")
+        scheme, _, token = credentials.partition(" ")
+        if scheme.lower() != "bearer" or context.auth.principal(token.strip()) is None:
+            raise HTTPException(status_code=401, detail="a valid API token is required "
+                                "(or SONONODE_METRICS_OPEN=true)",
+                                headers={"WWW-Authenticate": "Bearer"})
     registry = CollectorRegistry()
     if context.multiprocess_metrics:
         registry.register(SharedMetricsCollector(context.settings.metrics_dir))

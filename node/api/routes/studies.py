@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 from sqlalchemy import func, select
 
-from node.api.deps import SessionDep
+from node.api.deps import SessionDep, get_principal
 from node.api.schemas import StudyDetail, StudyList, StudySummary
 from node.db import Instance, Study, StudyState
 
-router = APIRouter(prefix="/studies", tags=["studies"])
+router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(get_principal)])
 
 #: Largest offset a listing accepts (beyond it SQLite's and PostgreSQL's integers overflow).
 MAX_OFFSET = 2**31 - 1

@@ -1,0 +1,192 @@
+"""Faults injected into a running node (``sononode up``, real processes and peers).
+
+After each: every instance answered Success is in the spool and the index, and every
+complete study has exactly one current SR in the PACS.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fixtures import require_tools
+from pydicom import dcmread
+from sqlalchemy import select
+
+from harness.databases import create_postgres, drop_postgres
+from harness.peers import Node, Orthanc, dcmsend, dcmtk, start_node, wait_for
+from harness.proxy import TcpProxy
+from node.db import Database, Instance, Job, JobState, StageRun, Study, open_database
+from simulator import simulate_study
+
+pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tools() -> None:
+    require_tools("dcmsend", "echoscu", "Orthanc")
+
+
+def _study(folder: Path, seed: int, *, loops: int = 1) -> tuple[str, list[Path]]:
+    simulate_study(folder, seed=seed, vendor="Northwind Medical", n_images=2, n_loops=loops,
+                   frames_per_loop=24)
+    files = sorted(folder.glob("*.dcm"))
+    return str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files
+
+
+def _srs(orthanc: Orthanc, study_uid: str) -> list[dict[str, object]]:
+    return orthanc.find_instances(study_uid, modality="SR")
+
+
+def _index(node: Node) -> Database:
+    url = node.env.get("SONONODE_DATABASE_URL") or f"sqlite:///{node.data_dir / 'sononode.db'}"
+    return open_database(url)
+
+
+def _children(parent: int, role: str) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(parent)],
+                         capture_output=True, text=True, check=False).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if f"node.cli {role}" in line]
+
+
+def _echo(port: int) -> bool:
+    done = subprocess.run([dcmtk("echoscu"), "-to", "5", "-aec", "SONONODE", "127.0.0.1",
+                           str(port)], capture_output=True, timeout=30, check=False)
+    return done.returncode == 0
+
+
+def _all_indexed(db: Database, files: list[Path]) -> bool:
+    uids = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    with db.session() as session:
+        found = set(session.scalars(select(Instance.sop_instance_uid).where(
+            Instance.sop_instance_uid.in_(uids))).all())
+    return found == uids
+
+
+def test_a_pool_process_killed_mid_stage_is_recovered_within_seconds(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    node = start_node(tmp_path / "data", destinations=orthanc.destination)
+    try:
+        study_uid, files = _study(tmp_path / "study", seed=41, loops=3)
+        dcmsend(node.dicom_port, files)
+        db = _index(node)
+
+        def running_run() -> StageRun | None:
+            with db.session() as session:
+                return session.scalars(select(StageRun).where(
+                    StageRun.finished_at.is_(None))).first()
+
+        run = wait_for(running_run, timeout=120, interval=0.02, what="a stage running")
+        os.kill(run.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(lambda: _srs(orthanc, study_uid), timeout=180, what="the SR in Orthanc")
+        recovered = time.monotonic() - killed_at
+        print(f"\nkilled {run.stage} (pid {run.pid}); SR in the PACS {recovered:.1f} s later")
+        assert recovered < 90, recovered
+        with db.session() as session:
+            lost = session.scalars(select(StageRun).where(StageRun.lost.is_(True))).all()
+            assert [r.pid for r in lost] == [run.pid]
+            study = session.get(Study, study_uid)
+            assert study is not None and study.state.value == "exported"
+        assert len(_srs(orthanc, study_uid)) == 1
+        assert _all_indexed(db, files)
+        db.dispose()
+    finally:
+        node.stop()
+
+
+def test_the_listener_serves_while_another_role_keeps_crashing(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """The API killed five times in a row: modalities still store, the supervisor backs
+    off (1, 2, 4, 8, 16 s) and brings the API back, and the node never stops."""
+    node = start_node(tmp_path / "data", destinations=orthanc.destination)
+    try:
+        for _ in range(5):
+            pids = wait_for(lambda: _children(node.process.pid, "api"), timeout=120,
+                            what="the API restarted")
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            assert _echo(node.dicom_port)
+            assert node.process.poll() is None
+        study_uid, files = _study(tmp_path / "study", seed=42)
+        dcmsend(node.dicom_port, files)
+        wait_for(lambda: httpx.get(node.url + "/health", timeout=2).status_code == 200,
+                 timeout=180, what="the API back")
+        wait_for(lambda: _srs(orthanc, study_uid), timeout=180, what="the SR in Orthanc")
+        assert "restarting in 16 s" in node.log()
+    finally:
+        node.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_a_database_outage_loses_nothing_answered_success(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """PostgreSQL unreachable when the node starts (it waits) and again while a study
+    arrives: stores get Out of Resources, nothing answered Success is lost, and the
+    study's one SR arrives once the modality has re-sent the rest."""
+    import redis
+
+    direct = create_postgres()
+    redis.Redis(host="127.0.0.1", port=6379, db=8).flushdb()
+    with TcpProxy(5432) as proxy:
+        url = direct.replace(":5432/", f":{proxy.port}/")
+        proxy.cut()
+        started = time.monotonic()
+        env = {"SONONODE_DATABASE_URL": url, "SONONODE_BROKER_URL": "redis://127.0.0.1:6379/8"}
+        import threading
+
+        threading.Timer(5.0, proxy.restore).start()
+        node = start_node(tmp_path / "data", destinations=orthanc.destination, extra_env=env,
+                          timeout=180)
+        try:
+            assert time.monotonic() - started >= 5.0  # it waited for its database
+            study_uid, files = _study(tmp_path / "study", seed=43, loops=1)
+            dcmsend(node.dicom_port, files[:1])
+            proxy.cut()
+            during = dcmsend(node.dicom_port, files[1:], check=False)
+            proxy.restore()
+            assert _echo(node.dicom_port)
+            db = open_database(url)
+            # The modality re-sends what was not answered Success.
+            wait_for(lambda: dcmsend(node.dicom_port, files, check=False).returncode == 0,
+                     timeout=120, interval=2, what="stores accepted again")
+            assert _all_indexed(db, files), during.stdout
+            wait_for(lambda: _srs(orthanc, study_uid), timeout=240, what="the SR in Orthanc")
+            with db.session() as session:
+                jobs = session.scalars(select(Job).where(
+                    Job.study_instance_uid == study_uid)).all()
+                assert jobs and all(j.state is not JobState.FAILED for j in jobs)
+            db.dispose()
+        finally:
+            node.stop()
+            drop_postgres(direct)
+
+
+def test_not_ready_while_no_worker_can_analyse(tmp_path: Path) -> None:
+    """SONONODE_DEVICE=cuda on a machine without CUDA: the worker stays up but takes no
+    inference work, and /ready says so (503) instead of failing studies silently."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    node = start_node(tmp_path / "data", extra_env={"SONONODE_DEVICE": "cuda"},
+                      wait_ready=False)
+    try:
+        def reason() -> str | None:
+            response = httpx.get(node.url + "/ready", timeout=5)
+            text = response.json()["checks"]["analysis"]
+            return text if response.status_code == 503 and "cuda" in text.lower() else None
+
+        text = wait_for(reason, timeout=120, what="/ready naming the CUDA problem")
+        assert "SONONODE_DEVICE=cuda" in text
+    finally:
+        node.stop()
