@@ -77,6 +77,13 @@ def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Pr
     return principal
 
 
+#: Responses every authenticated route may give.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No valid API token"},
+    403: {"description": "The token's role may not do this"},
+}
+
+
 ContextDep = Annotated[ApiContext, Depends(get_context)]
 ReaderDep = Annotated[Principal, Depends(get_principal)]
 AdminDep = Annotated[Principal, Depends(require_admin)]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from node.api.deps import ContextDep, get_principal
+from node.api.deps import AUTH_RESPONSES, ContextDep, get_principal
 from node.api.schemas import DriftReport, VendorDrift
 from node.drift import PSI_ALERT, compute_drift
 
-router = APIRouter(tags=["models"], dependencies=[Depends(get_principal)])
+router = APIRouter(tags=["models"], dependencies=[Depends(get_principal)],
+                   responses=AUTH_RESPONSES)
 
 
 @router.get("/drift", response_model=DriftReport)

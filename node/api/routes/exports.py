@@ -9,13 +9,14 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from sqlalchemy import select
 
 from node import jobs
-from node.api.deps import AdminDep, ContextDep, SessionDep, get_principal
+from node.api.deps import AUTH_RESPONSES, AdminDep, ContextDep, SessionDep, get_principal
 from node.api.schemas import ExportList, ExportOut
 from node.db import Export, ExportState
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/exports", tags=["exports"], dependencies=[Depends(get_principal)])
+router = APIRouter(prefix="/exports", tags=["exports"], dependencies=[Depends(get_principal)],
+                   responses=AUTH_RESPONSES)
 
 #: Export ids are 32-bit integers in PostgreSQL.
 MAX_ID = 2**31 - 1

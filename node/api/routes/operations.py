@@ -67,7 +67,8 @@ def ready(context: ContextDep) -> Response:
 
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
-                             "description": "Prometheus text exposition format"}})
+                             "description": "Prometheus text exposition format"},
+                       401: {"description": "No valid API token"}})
 def metrics(context: ContextDep, request: Request) -> Response:
     """Prometheus metrics of every node process plus index and broker gauges (a token is
     needed unless SONONODE_METRICS_OPEN)."""

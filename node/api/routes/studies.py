@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query
 from sqlalchemy import func, select
 
-from node.api.deps import SessionDep, get_principal
+from node.api.deps import AUTH_RESPONSES, SessionDep, get_principal
 from node.api.schemas import StudyDetail, StudyList, StudySummary
 from node.db import Instance, Study, StudyState
 
-router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(get_principal)])
+router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(get_principal)],
+                   responses=AUTH_RESPONSES)
 
 #: Largest offset a listing accepts (beyond it SQLite's and PostgreSQL's integers overflow).
 MAX_OFFSET = 2**31 - 1
