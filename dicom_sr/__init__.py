@@ -1,6 +1,6 @@
 """sononode Structured Report building and reading (highdicom, TID 1500)."""
 
-from dicom_sr.builder import build_sr
+from dicom_sr.builder import build_sr, tracking_uid
 from dicom_sr.reader import (
     AlgorithmIdentity,
     ImageSummary,
@@ -18,4 +18,5 @@ __all__ = [
     "SRSummary",
     "build_sr",
     "read_sr",
+    "tracking_uid",
 ]

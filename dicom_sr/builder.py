@@ -2,27 +2,32 @@
 
 A pure builder: it takes the source instance headers (already read) and the typed
 :class:`~dicom_sr.model.StudyResult` and returns a :class:`pydicom.Dataset`; it reads
-and writes no files. Content tree (see :func:`build_sr` for details)::
+and writes no files. The content is laid out so that real viewers show it: OHIF draws
+each analysed image's region with one line per group-level measurement
+(``<concept meaning>: <value> %``) and labels it from the group's Comment; highdicom's
+reader finds every group, its measurements and their TID 4019 algorithm; text readers
+(DCMTK ``dsr2html``) read the sentences. Content tree::
 
-    Imaging Measurement Report (TID 1500)        title carries the disclaimer if simulated
-    ├─ Language, Device observer, Procedure reported: Diagnostic ultrasonography
+    Imaging Measurement Report (126000, DCM)     disclaimer in the Disclaimer item, the
+    ├─ Language, Device observer (one UID per    Series Description and the algorithm
+    │  installation), Procedure reported          names, once each
     ├─ Imaging Measurements
-    │  └─ Measurement Group (TID 1410 with an image region, else TID 1501), one per image
+    │  └─ TID 1410 group per analysed image (region on the image, frame of a loop)
     │     ├─ Tracking Identifier / Tracking Unique Identifier
-    │     ├─ Image Region (SCOORD on the source image) | Source of Measurement (IMAGE)
-    │     ├─ Image View = <view>        ├─ Probability (%), Decision threshold, TID 4019
-    │     ├─ Finding = <finding>        ├─ ... or "Requires human review" + reason
-    │     ├─ Image Quality = CID 6044   ├─ QC reason "code: message" per non-pass check
-    │     ├─ Number of Frames, Number of frames analysed
-    │     ├─ Out-of-distribution input = Yes/No  └─ score
-    │     └─ Human review = Requires human review  └─ reasons
+    │     ├─ Image Region: the model's localisation, else the analysed scan region
+    │     ├─ Finding = <finding code>, Algorithm identification (TID 4019)
+    │     ├─ Measurement "View: <label> (probability)" = 97.3 %  └─ TID 4019, INFERRED FROM
+    │     ├─ Measurement "Finding: <label> (probability)" = 62.0 % (or "NOT CONFIDENT")
+    │     ├─ Image View = <view code>, Image Quality = CID 6044, Human review
+    │     ├─ Comment "<view> 97.3 % | <finding> 62.0 %" (what OHIF labels the region with)
+    │     └─ Decision thresholds, Frames analysed, QC reasons, review reasons (in words)
     └─ Qualitative Evaluations
-       ├─ Disclaimer (simulated training data)
-       ├─ Human review = Requires human review  └─ reasons
-       ├─ Study assessability = Not assessable  └─ reasons
-       ├─ Summary (plain text of the above and the conclusion)
-       ├─ Conclusion = <code> (or "Requires human review" + reason)
-       └─ AI model used (TID 4019), one per model pack
+       ├─ Disclaimer, Human review + reasons, Study assessability + reasons
+       ├─ Conclusion = <code>  └─ Probability (%), [Requires human review], TID 4019
+       ├─ Image not analysed = <why> └─ IMAGE, reasons, one per QC-failed/OOD image
+       ├─ Supersedes earlier AI report, Summary (plain text of all the above)
+       └─ AI model used (TID 4019), one per model pack; each is also Contributing
+          Equipment (Processing Equipment, Device UID from its sha256) per IHE AIR
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from highdicom import UID as HdUID
+from highdicom.base_content import ContributingEquipment
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -45,13 +51,16 @@ from highdicom.sr import (
     ContentSequence,
     DeviceObserverIdentifyingAttributes,
     GraphicTypeValues,
+    ImageContentItem,
     ImageRegion,
+    Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     NumContentItem,
     ObservationContext,
     ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
     RelationshipTypeValues,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
@@ -66,7 +75,14 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import validate_value
 
 from dicom_sr import codes
-from dicom_sr.model import AlgorithmInfo, Classification, ImageResult, QCOutcome, StudyResult
+from dicom_sr.model import (
+    AlgorithmInfo,
+    Classification,
+    ImageResult,
+    QCCheck,
+    QCOutcome,
+    StudyResult,
+)
 
 if TYPE_CHECKING:
     from highdicom.sr import ContentItem
@@ -164,8 +180,8 @@ def build_sr(
     device_observer_name
         Name of the device observer (TID 1004).
     device_observer_uid
-        UID of the device observer; derived from ``device_observer_name`` when None,
-        so the same node always reports under the same UID.
+        UID of the device observer: one per installation (the node keeps it in its data
+        directory); derived from ``device_observer_name`` when None (tests).
     manufacturer
         Manufacturer (General Equipment module) and device observer manufacturer.
     software_versions
@@ -218,18 +234,28 @@ def build_sr(
     )
     groups = [
         _measurement_group(image, by_uid[image.sop_instance_uid], index, result.assessable)
-        for index, image in enumerate(result.images, start=1)
+        for index, image in enumerate(result.images, start=1) if is_analysed(image)
     ]
     try:
         report = MeasurementReport(
             observation_context=observation_context,
             procedure_reported=codes.PROCEDURE_ULTRASOUND,
-            imaging_measurements=groups,
-            title=codes.TITLE_SIMULATED if simulated else codes.TITLE,
+            # highdicom requires one group at least; a study without an analysed image
+            # gets the placeholder removed below (TID 1500 allows a report of
+            # qualitative evaluations only).
+            imaging_measurements=groups or [_placeholder_group(result, by_uid)],
+            title=codes.TITLE,
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot build the TID 1500 measurement report: {exc}") from exc
-    report[0].ContentSequence.append(_study_evaluations(result, algorithms, simulated))
+    if not groups:
+        root = report[0].ContentSequence
+        placeholder = _key_of(codes.IMAGING_MEASUREMENTS)
+        for index in reversed(range(len(root))):
+            if _key_of(root[index].ConceptNameCodeSequence[0]) == placeholder:
+                del root[index]
+    report[0].ContentSequence.append(
+        _study_evaluations(result, algorithms, simulated, by_uid, previous_versions or ()))
 
     header = _evidence_header(sources[0])
     evidence = [header, *sources[1:]]
@@ -252,6 +278,7 @@ def build_sr(
             ),
             manufacturer_model_name="sononode",
             software_versions=software_versions or _default_software_versions(),
+            contributing_equipment=[_contributing_equipment(a) for a in algorithms],
             coding_schemes=[
                 CodingSchemeIdentificationItem(
                     designator=codes.PRIVATE_SCHEME,
@@ -262,6 +289,7 @@ def build_sr(
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise ValueError(f"cannot build the Comprehensive 3D SR: {exc}") from exc
+    _separate(sr)
     logger.debug(
         "built SR %s for study %s (%d image groups, needs_review=%s, simulated=%s)",
         sop_instance_uid, result.study_instance_uid, len(groups), result.needs_review,
@@ -467,39 +495,202 @@ def _attach(item: ContentItem, children: Iterable[Dataset]) -> None:
 
 
 def _percent(probability: float) -> float:
-    # DS holds 16 characters; four decimals of a percentage keep 1e-6 of the probability.
-    return round(probability * 100.0, 4)
+    """A probability as a percentage rounded to 0.1 %: what the figure can mean."""
+    return round(probability * 100.0, 1)
 
 
-def _classification_item(name: CodedConcept, classification: Classification,
-                         *, withheld_reason: str | None = None) -> CodeContentItem:
-    """CODE item for a classification, or "Requires human review" when it is withheld.
+def in_words(reason: str) -> str:
+    """A reason as a sentence for the radiologist."""
+    text = reason.strip()
+    if text.startswith("QC failed: "):
+        text = "Failed quality control: " + text.removeprefix("QC failed: ")
+    return text[:1].upper() + text[1:]
 
-    A withheld label is not written at all: neither its code nor its probability,
-    so no viewer can present it as a finding.
-    """
-    children: list[Dataset] = []
-    reason = withheld_reason or (classification.reason if classification.abstained else None)
-    if reason is not None:
-        value = codes.REQUIRES_HUMAN_REVIEW
-        children.append(_text(codes.REVIEW_REASON, reason, _HAS_PROPERTIES))
+
+def _unique(texts: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(t for t in texts if t))
+
+
+def is_analysed(image: ImageResult) -> bool:
+    """True when the models gave the image a result the report shows on it: frames were
+    analysed, a view was decided, and the input was not out of distribution."""
+    return image.frames_used > 0 and image.view is not None and not image.out_of_distribution
+
+
+def _rectangle(image: ImageResult, source: Dataset) -> np.ndarray:
+    """The group's region: the model's localisation, else the analysed scan region, else
+    the whole image, as a closed POLYLINE."""
+    if image.region is not None:
+        c0, r0, c1, r1 = image.region
     else:
-        value = CodedConcept(
-            value=classification.code.value,
-            scheme_designator=classification.code.scheme,
-            meaning=classification.code.meaning,
-        )
-        children.append(
-            _num(codes.PROBABILITY, _percent(classification.probability), codes.PERCENT,
-                 _HAS_PROPERTIES)
-        )
+        c0, r0, c1, r1 = 0, 0, int(source.get("Columns") or 1), int(source.get("Rows") or 1)
+    return np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=float)
+
+
+def _source_for_region(image: ImageResult, source: Dataset) -> SourceImageForRegion:
+    frames = [image.key_frame] if image.key_frame is not None else None
+    return SourceImageForRegion(referenced_sop_class_uid=str(source.SOPClassUID),
+                                referenced_sop_instance_uid=str(source.SOPInstanceUID),
+                                referenced_frame_numbers=frames)
+
+
+def _probability(classification: Classification) -> Measurement:
+    """A label's calibrated probability as a group-level measurement (TID 300) that names
+    the label and carries its algorithm (TID 4019) and decision threshold. (TID 1410 does
+    not allow a measurement its own SCOORD: it is about the group's region.)"""
+    measurement = Measurement(
+        name=codes.probability_concept(classification.task, classification.code.meaning,
+                                       confident=not classification.abstained),
+        value=_percent(classification.probability),
+        unit=codes.PERCENT,
+        algorithm_id=_algorithm_id(classification.algorithm),
+    )
     if classification.threshold is not None:
-        children.append(
+        measurement[0].ContentSequence.append(
             _num(codes.DECISION_THRESHOLD, _percent(classification.threshold), codes.PERCENT,
-                 _HAS_PROPERTIES)
-        )
-    children.extend(_algorithm_id(classification.algorithm))
-    return _code(name, value, _CONTAINS, children)
+                 _HAS_PROPERTIES))
+    return measurement
+
+
+def _label_text(classification: Classification) -> str:
+    text = f"{classification.code.meaning} {_percent(classification.probability):.1f} %"
+    return text + (" (not confident)" if classification.abstained else "")
+
+
+def _tracking_identifier(image: ImageResult, source: Dataset, index: int) -> TrackingIdentifier:
+    series, number = source.get("SeriesNumber"), source.get("InstanceNumber")
+    readable = (f"US image {series}/{number}" if series is not None and number is not None
+                else f"US image {index}")
+    return TrackingIdentifier(uid=HdUID(tracking_uid(image.sop_instance_uid)),
+                              identifier=readable)
+
+
+def tracking_uid(sop_instance_uid: str) -> str:
+    """The Tracking UID of the measurement group of an image: derived from the instance, so
+    a superseding SR tracks the same image under the same UID, and feedback that names it
+    (``POST /feedback``) finds the image without reading the SR."""
+    return str(generate_uid(entropy_srcs=["sononode-tracking", sop_instance_uid]))
+
+
+def _measurement_group(image: ImageResult, source: Dataset, index: int,
+                       assessable: bool) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 for an analysed image: a region on the image (the model's localisation,
+    else the scan region it analysed, said so in the comment), the view's and the
+    finding's probabilities as group-level measurements, the standard qualitative
+    evaluations, and the review statement."""
+    assert image.view is not None
+    polygon = _rectangle(image, source)
+    region_source = _source_for_region(image, source)
+    shown = [image.view]
+    finding = image.finding if image.finding is not None and assessable else None
+    if finding is not None:
+        shown.append(finding)
+    evaluations = [QualitativeEvaluation(codes.IMAGE_VIEW, _label_code(image.view)),
+                   QualitativeEvaluation(codes.IMAGE_QUALITY,
+                                         codes.QC_OUTCOME_CODES[image.qc_outcome])]
+    if image.needs_review:
+        evaluations.append(QualitativeEvaluation(codes.HUMAN_REVIEW,
+                                                 codes.REQUIRES_HUMAN_REVIEW))
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking_identifier(image, source, index),
+        referenced_region=ImageRegion(graphic_type=GraphicTypeValues.POLYLINE,
+                                      graphic_data=polygon, source_image=region_source),
+        finding_type=_label_code(finding) if finding is not None else None,
+        algorithm_id=_algorithm_id(image.view.algorithm),
+        measurements=[_probability(c) for c in shown],
+        qualitative_evaluations=evaluations,
+    )
+    content = group[0].ContentSequence
+    comment = " | ".join(_label_text(c) for c in shown)
+    if not image.region_localised:
+        comment += " (region: the analysed scan sector, not a lesion outline)"
+    content.append(_text(codes.COMMENT, comment, _CONTAINS))
+    frames = f"{image.frames_used} of {image.frames_total}"
+    if image.key_frame is not None:
+        frames += f" (region shown on frame {image.key_frame})"
+    content.append(_text(codes.FRAMES_TEXT, frames, _CONTAINS))
+    content.extend(_qc_reason(check, _CONTAINS) for check in image.qc_checks
+                   if check.outcome is not QCOutcome.PASS)
+    if image.quality_score is not None:
+        # TEXT, not NUM: viewers print every group-level NUM on the image.
+        content.append(_text(codes.QUALITY_SCORE,
+                             f"{float(image.quality_score):.2f} (0 = unusable, 1 = ideal)",
+                             _CONTAINS))
+    for reason in _unique(in_words(r) for r in image.review_reasons):
+        content.append(_text(codes.REVIEW_REASON, reason, _CONTAINS))
+    return group
+
+
+def _key_of(code: Dataset) -> tuple[str, str]:
+    return str(code.CodeValue), str(code.CodingSchemeDesignator)
+
+
+def _placeholder_group(result: StudyResult,
+                       by_uid: dict[str, Dataset]) -> MeasurementsAndQualitativeEvaluations:
+    source = by_uid[result.images[0].sop_instance_uid]
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=HdUID(generate_uid()), identifier="none"),
+        source_images=[SourceImageForMeasurementGroup(
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID))])
+
+
+def _qc_reason(check: QCCheck, relationship: RelationshipTypeValues) -> TextContentItem:
+    """A QC check that did not pass, in words, with its outcome."""
+    return _text(codes.QC_REASON, in_words(check.message), relationship,
+                 [_code(codes.QC_CHECK_OUTCOME, codes.QC_OUTCOME_CODES[check.outcome],
+                        _HAS_CONCEPT_MOD)])
+
+
+def _label_code(classification: Classification) -> CodedConcept:
+    return CodedConcept(value=classification.code.value,
+                        scheme_designator=classification.code.scheme,
+                        meaning=classification.code.meaning)
+
+
+def _not_analysed_item(image: ImageResult, source: Dataset) -> CodeContentItem:
+    """A study-level statement about an image the models gave no result for, with a
+    reference to the image: every reader handles it (no measurement group without a
+    region, which makes OHIF's loader throw)."""
+    if image.out_of_distribution:
+        value = codes.NOT_ANALYSED_OOD
+    elif image.qc_outcome is QCOutcome.FAIL:
+        value = codes.NOT_ANALYSED_QC
+    else:
+        value = codes.NOT_ANALYSED_NO_FRAME
+    children: list[Dataset] = [ImageContentItem(
+        name=codes.SOURCE_IMAGE, referenced_sop_class_uid=str(source.SOPClassUID),
+        referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        relationship_type=_HAS_PROPERTIES)]
+    children += [_text(codes.REVIEW_REASON, r, _HAS_PROPERTIES)
+                 for r in _unique(in_words(r) for r in image.review_reasons)]
+    children += [_qc_reason(check, _HAS_PROPERTIES) for check in image.qc_checks
+                 if check.outcome is not QCOutcome.PASS]
+    children.append(_code(codes.IMAGE_QUALITY, codes.QC_OUTCOME_CODES[image.qc_outcome],
+                          _HAS_PROPERTIES))
+    if image.ood_score is not None:
+        children.append(_num(codes.OOD_SCORE, round(float(image.ood_score), 2),
+                             codes.NO_UNITS, _HAS_PROPERTIES))
+    return _code(codes.NOT_ANALYSED, value, _CONTAINS, children)
+
+
+def _conclusion_item(conclusion: Classification) -> CodeContentItem:
+    """The study conclusion with its probability; when the node is not confident, its
+    best guess still, marked as requiring review."""
+    children: list[Dataset] = [
+        _num(codes.PROBABILITY, _percent(conclusion.probability), codes.PERCENT,
+             _HAS_PROPERTIES)]
+    if conclusion.threshold is not None:
+        children.append(_num(codes.DECISION_THRESHOLD, _percent(conclusion.threshold),
+                             codes.PERCENT, _HAS_PROPERTIES))
+    if conclusion.abstained:
+        children.append(_code(codes.HUMAN_REVIEW, codes.REQUIRES_HUMAN_REVIEW,
+                              _HAS_PROPERTIES,
+                              [_text(codes.REVIEW_REASON, in_words(conclusion.reason or
+                                                                 "not confident"),
+                                     _HAS_PROPERTIES)]))
+    children.extend(_algorithm_id(conclusion.algorithm))
+    return _code(codes.CONCLUSION, _label_code(conclusion), _CONTAINS, children)
 
 
 def _review_item(reasons: Sequence[str]) -> CodeContentItem:
@@ -507,99 +698,9 @@ def _review_item(reasons: Sequence[str]) -> CodeContentItem:
         codes.HUMAN_REVIEW,
         codes.REQUIRES_HUMAN_REVIEW,
         _CONTAINS,
-        [_text(codes.REVIEW_REASON, r, _HAS_PROPERTIES) for r in reasons or ("unspecified",)],
+        [_text(codes.REVIEW_REASON, r, _HAS_PROPERTIES)
+         for r in _unique(in_words(r) for r in reasons) or ["Unspecified"]],
     )
-
-
-def _tracking_identifier(image: ImageResult, source: Dataset, index: int) -> TrackingIdentifier:
-    series, number = source.get("SeriesNumber"), source.get("InstanceNumber")
-    readable = (
-        f"US image {series}/{number}" if series is not None and number is not None
-        else f"US image {index}"
-    )
-    # Derived from the instance, so a superseding SR tracks the same image under the same UID.
-    uid = generate_uid(entropy_srcs=["sononode-tracking", image.sop_instance_uid])
-    return TrackingIdentifier(uid=HdUID(uid), identifier=readable)
-
-
-def _measurement_group(
-    image: ImageResult, source: Dataset, index: int, assessable: bool
-) -> PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations:
-    tracking = _tracking_identifier(image, source, index)
-    sop_class, sop_uid = str(source.SOPClassUID), str(source.SOPInstanceUID)
-    group: PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
-    if image.region is not None:
-        c0, r0, c1, r1 = image.region
-        polygon = np.array(
-            [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=float
-        )
-        region = ImageRegion(
-            graphic_type=GraphicTypeValues.POLYLINE,
-            graphic_data=polygon,
-            source_image=SourceImageForRegion(
-                referenced_sop_class_uid=sop_class, referenced_sop_instance_uid=sop_uid
-            ),
-        )
-        group = PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking, referenced_region=region
-        )
-    else:
-        group = MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            source_images=[
-                SourceImageForMeasurementGroup(
-                    referenced_sop_class_uid=sop_class, referenced_sop_instance_uid=sop_uid
-                )
-            ],
-        )
-    content = group[0].ContentSequence
-    if image.view is not None:
-        content.append(_classification_item(codes.IMAGE_VIEW, image.view))
-    if image.finding is not None and assessable:
-        content.append(_classification_item(codes.FINDING, image.finding))
-    content.append(_qc_item(image))
-    content.append(
-        _num(codes.NUMBER_OF_FRAMES, image.frames_total, codes.FRAMES_UNIT, _CONTAINS)
-    )
-    content.append(
-        _num(codes.FRAMES_ANALYSED, image.frames_used, codes.FRAMES_UNIT, _CONTAINS)
-    )
-    if image.out_of_distribution or image.ood_score is not None:
-        children = []
-        if image.ood_score is not None:
-            children.append(
-                _num(codes.OOD_SCORE, float(image.ood_score), codes.NO_UNITS, _HAS_PROPERTIES)
-            )
-        content.append(
-            _code(codes.OUT_OF_DISTRIBUTION, codes.YES if image.out_of_distribution else codes.NO,
-                  _CONTAINS, children)
-        )
-    if image.needs_review:
-        content.append(_review_item(image.review_reasons))
-    return group
-
-
-def _qc_item(image: ImageResult) -> CodeContentItem:
-    children: list[Dataset] = []
-    for check in image.qc_checks:
-        if check.outcome is QCOutcome.PASS:
-            continue
-        children.append(
-            _text(
-                codes.QC_REASON,
-                f"{check.code}: {check.message}",
-                _HAS_PROPERTIES,
-                [_code(codes.QC_CHECK_OUTCOME, codes.QC_OUTCOME_CODES[check.outcome],
-                       _HAS_CONCEPT_MOD)],
-            )
-        )
-    if image.quality_score is not None:
-        children.append(
-            _num(codes.QUALITY_SCORE, float(image.quality_score), codes.NO_UNITS,
-                 _HAS_PROPERTIES)
-        )
-    return _code(codes.IMAGE_QUALITY, codes.QC_OUTCOME_CODES[image.qc_outcome], _CONTAINS,
-                 children)
 
 
 def not_assessable_reasons(result: StudyResult) -> list[str]:
@@ -613,46 +714,42 @@ def not_assessable_reasons(result: StudyResult) -> list[str]:
     Returns
     -------
     list of str
-        The study's review reasons followed by the messages of failed QC checks.
+        The study's review reasons followed by the messages of failed QC checks, in words.
     """
-    reasons = list(result.review_reasons)
+    reasons = [in_words(r) for r in result.review_reasons]
     for image in result.images:
-        reasons.extend(
-            f"{check.code}: {check.message}"
-            for check in image.qc_checks
-            if check.outcome is QCOutcome.FAIL
-        )
-    return list(dict.fromkeys(reasons)) or ["no image passed quality control"]
+        reasons.extend(in_words(check.message) for check in image.qc_checks
+                       if check.outcome is QCOutcome.FAIL)
+    return _unique(reasons) or ["No image passed quality control"]
 
 
-def _summary_text(result: StudyResult, simulated: bool) -> str:
+def _summary_text(result: StudyResult, previous: Sequence[Dataset]) -> str:
     lines: list[str] = []
-    if simulated:
-        lines.append(codes.SIMULATED_DISCLAIMER)
+    if previous:
+        lines.append("This report supersedes the earlier AI report(s) "
+                     + ", ".join(str(d.SOPInstanceUID) for d in previous) + ".")
     if result.needs_review:
-        lines.append("REQUIRES HUMAN REVIEW: " + ("; ".join(result.review_reasons)
-                                                  or "unspecified"))
+        lines.append("REQUIRES HUMAN REVIEW: " + "; ".join(
+            _unique(in_words(r) for r in result.review_reasons) or ["unspecified"]))
     if not result.assessable:
         lines.append("Study NOT ASSESSABLE by the AI models: "
                      + "; ".join(not_assessable_reasons(result)))
     conclusion = result.conclusion
     if conclusion is not None and result.assessable:
         if conclusion.abstained:
-            lines.append(f"Conclusion withheld, requires human review: {conclusion.reason}")
+            lines.append(f"AI conclusion (NOT CONFIDENT, requires review): "
+                         f"{_label_text(conclusion)}; {in_words(conclusion.reason or '')}")
         else:
-            lines.append(
-                f"AI conclusion: {conclusion.code.meaning} "
-                f"(probability {_percent(conclusion.probability):g} %)"
-            )
-    lines.append(
-        f"{len(result.images)} image(s) analysed; results are preliminary and unverified."
-    )
+            lines.append(f"AI conclusion: {_label_text(conclusion)}")
+    analysed = sum(1 for image in result.images if is_analysed(image))
+    lines.append(f"{analysed} of {len(result.images)} image(s) analysed; results are "
+                 "preliminary and unverified.")
     return "\n".join(lines)
 
 
-def _study_evaluations(
-    result: StudyResult, algorithms: Sequence[AlgorithmInfo], simulated: bool
-) -> ContainerContentItem:
+def _study_evaluations(result: StudyResult, algorithms: Sequence[AlgorithmInfo],
+                       simulated: bool, by_uid: dict[str, Dataset],
+                       previous: Sequence[Dataset]) -> ContainerContentItem:
     container = ContainerContentItem(
         name=codes.QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS
     )
@@ -668,15 +765,48 @@ def _study_evaluations(
                   [_text(codes.NOT_ASSESSABLE_REASON, r, _HAS_PROPERTIES)
                    for r in not_assessable_reasons(result)])
         )
-    items.append(_text(codes.SUMMARY, _summary_text(result, simulated), _CONTAINS))
     if result.conclusion is not None and result.assessable:
-        items.append(_classification_item(codes.CONCLUSION, result.conclusion))
+        items.append(_conclusion_item(result.conclusion))
+    items.extend(_not_analysed_item(image, by_uid[image.sop_instance_uid])
+                 for image in result.images if not is_analysed(image))
+    if previous:
+        items.append(_text(codes.SUPERSEDES, ", ".join(str(d.SOPInstanceUID)
+                                                     for d in previous), _CONTAINS))
+    items.append(_text(codes.SUMMARY, _summary_text(result, previous), _CONTAINS))
     for algorithm in algorithms:
         items.append(
             _code(codes.MODEL_USED, codes.ALGORITHM_FAMILY, _CONTAINS, _algorithm_id(algorithm))
         )
     _attach(container, items)
     return container
+
+
+def _separate(item: Dataset) -> None:
+    """Every container holds separate statements (not one sentence in parts), so text
+    renderers give each item its name instead of running the values together."""
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _separate(child)
+
+
+def device_uid(algorithm: AlgorithmInfo) -> str:
+    """Device UID of a model pack (IHE AIR): derived from its sha256, so it changes with
+    every pack and is the same on every node that runs that pack."""
+    return str(generate_uid(entropy_srcs=["sononode-model-pack", algorithm.sha256]))
+
+
+def _contributing_equipment(algorithm: AlgorithmInfo) -> ContributingEquipment:
+    """The model pack as Contributing Equipment (processing equipment), per IHE AIR."""
+    equipment = ContributingEquipment(
+        manufacturer="sononode",
+        purpose_of_reference=codes.PROCESSING_EQUIPMENT,
+        manufacturer_model_name=algorithm_name(algorithm)[:64],
+        software_versions=algorithm.version,
+        contribution_description=f"AI model pack, sha256 {algorithm.sha256}",
+    )
+    equipment.DeviceUID = device_uid(algorithm)
+    return equipment
 
 
 def _evidence_header(first: Dataset) -> Dataset:

@@ -11,6 +11,8 @@ renumber one, add a new constant instead.
 
 from __future__ import annotations
 
+import hashlib
+
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
@@ -37,11 +39,9 @@ def _standard(value: str, scheme: str, meaning: str) -> CodedConcept:
 TITLE = CodedConcept.from_code(codes.DCM.ImagingMeasurementReport)
 """(126000, DCM, "Imaging Measurement Report"): the TID 1500 document title."""
 
-TITLE_SIMULATED = _private(
-    "SIMREPORT",
-    "AI Report - SIMULATED TRAINING DATA - NOT FOR CLINICAL USE",
-)
-"""Document title used when any model pack was trained on simulated images."""
+COMMENT = CodedConcept.from_code(codes.DCM.Comment)
+"""(121106, DCM, "Comment"): the one-line result of a measurement group, which viewers
+(OHIF) use as the label of the region."""
 
 PROCEDURE_ULTRASOUND = CodedConcept.from_code(codes.SCT.DiagnosticUltrasonography)
 """(16310003, SCT, "Diagnostic ultrasonography"): the procedure reported."""
@@ -73,6 +73,10 @@ PERCENT = CodedConcept.from_code(codes.UCUM.Percent)
 ALGORITHM_FAMILY = CodedConcept.from_code(codes.DCM.ArtificialIntelligence)
 """(123110, DCM, "Artificial Intelligence"): TID 4019 algorithm family."""
 
+PROCESSING_EQUIPMENT = CodedConcept.from_code(codes.DCM.ProcessingEquipment)
+"""(109102, DCM, "Processing Equipment"): Purpose of Reference of the Contributing
+Equipment item that identifies each model pack (CID 7005)."""
+
 MODEL_USED = _private("MODEL", "AI model used")
 """Study-level item listing one model pack (carries its TID 4019 identification)."""
 
@@ -96,6 +100,28 @@ NOT_ASSESSABLE = _private("NOTASSESS", "Not assessable by the AI models")
 
 NOT_ASSESSABLE_REASON = _private("NOTASSESSWHY", "Reason study is not assessable")
 """TEXT child of the not-assessable statement."""
+
+NOT_ANALYSED = _private("NOTANALYSED", "Image not analysed by the AI")
+"""Study-level statement about an image the models gave no result for; its value says
+why, an IMAGE child references the image and a TEXT child gives the reason in words."""
+
+NOT_ANALYSED_QC = _private("QCFAILED", "Failed image quality control")
+"""Value of :data:`NOT_ANALYSED`: QC found the image unusable."""
+
+NOT_ANALYSED_OOD = _private("OODINPUT", "Outside what the AI models were trained on")
+"""Value of :data:`NOT_ANALYSED`: the input is out of distribution."""
+
+NOT_ANALYSED_NO_FRAME = _private("NOFRAME", "No usable frame")
+"""Value of :data:`NOT_ANALYSED`: nothing in the image could be shown to the models."""
+
+SOURCE_IMAGE = CodedConcept.from_code(codes.DCM.SourceOfMeasurement)
+"""(121112, DCM, "Source of Measurement"): IMAGE item naming the image a statement is about."""
+
+FRAMES_TEXT = _private("FRAMES", "Frames analysed")
+"""TEXT of a measurement group: ``"12 of 24 (frame 7 shown)"``."""
+
+SUPERSEDES = _private("SUPERSEDES", "Supersedes earlier AI report")
+"""TEXT naming the report(s) this one replaces (also in the Predecessor Documents)."""
 
 DISCLAIMER = _private("DISCLAIMER", "Disclaimer")
 """TEXT item carrying the simulated-training-data disclaimer."""
@@ -123,37 +149,16 @@ QC_CHECK_OUTCOME = _private("QCCHECK", "Quality control check outcome")
 """CODE child of :data:`QC_REASON` giving that check's outcome (CID 6044 value)."""
 
 QUALITY_SCORE = _private("QSCORE", "Image quality score")
-"""NUM: the QC quality score of an image (unitless)."""
-
-NUMBER_OF_FRAMES = CodedConcept.from_code(codes.DCM.NumberOfFrames)
-"""(121140, DCM, "Number of Frames"): frames in the source instance."""
-
-FRAMES_ANALYSED = _private("FRAMESUSED", "Number of frames analysed")
-"""NUM: frames that passed QC and were given to the models."""
-
-FRAMES_UNIT = _standard("{frames}", "UCUM", "frames")
-"""UCUM annotation unit for frame counts."""
+"""TEXT of a measurement group: the QC quality score of an image (0 to 1)."""
 
 NO_UNITS = CodedConcept.from_code(codes.UCUM.NoUnits)
 """(1, UCUM, "no units"): unit of unitless scores."""
 
-OUT_OF_DISTRIBUTION = _private("OOD", "Out-of-distribution input")
-"""CODE (Yes/No): the image lies outside the training distribution of the models."""
-
 OOD_SCORE = _private("OODSCORE", "Out-of-distribution score")
-"""NUM child of :data:`OUT_OF_DISTRIBUTION`: the detector's score (unitless)."""
+"""NUM child of an "Image not analysed" statement: the detector's score (unitless)."""
 
-YES = CodedConcept.from_code(codes.SCT.Yes)
-"""(373066001, SCT, "Yes")."""
-
-NO = CodedConcept.from_code(codes.SCT.No)
-"""(373067005, SCT, "No")."""
-
-# Concepts of the TID 1500 / TID 1501 / TID 4019 structure itself, which highdicom writes
+# Concepts of the TID 1500 / TID 1410 / TID 4019 structure itself, which highdicom writes
 # for the builder; the reader looks for them by these constants.
-MEASUREMENT_GROUP = CodedConcept.from_code(codes.DCM.MeasurementGroup)
-"""(125007, DCM, "Measurement Group"): one per analysed image."""
-
 IMAGING_MEASUREMENTS = CodedConcept.from_code(codes.DCM.ImagingMeasurements)
 """(126010, DCM, "Imaging Measurements"): the container of the measurement groups."""
 
@@ -180,3 +185,20 @@ SIMULATED_DISCLAIMER = (
     "images only. The results are NOT FOR CLINICAL USE."
 )
 """Text of the disclaimer item (and of the Series Description suffix)."""
+
+
+def probability_concept(task: str, meaning: str, *, confident: bool) -> CodedConcept:
+    """Concept name of the NUM that shows a label's probability on the image.
+
+    Viewers that label an image region (OHIF) print each group-level NUM as
+    ``<concept meaning>: <value> <unit>``: the meaning names the task and the label, e.g.
+    ``"View: Thyroid transverse view (probability)"``, and says when the node is not
+    confident. No standard concept names a probability *of a given label*, so this is a
+    private code, stable for (task, label, confidence): a hash of them.
+    """
+    text = f"{task.replace('_', ' ').capitalize()}: {meaning}"
+    text += " (probability)" if confident else " (NOT CONFIDENT, review)"
+    if len(text) > 64:
+        text = text[:61] + "..."
+    digest = hashlib.sha1(f"{task}|{meaning}|{confident}".encode()).hexdigest()[:13].upper()
+    return _private(f"P{digest}", text)

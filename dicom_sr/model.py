@@ -127,8 +127,14 @@ class ImageResult:
     ood_score: float | None = None
     out_of_distribution: bool = False
     region: tuple[int, int, int, int] | None = None
-    """Bounding box ``(column0, row0, column1, row1)`` in pixel coordinates of the first frame,
-    the region the result refers to (scan region or localised finding)."""
+    """Bounding box ``(column0, row0, column1, row1)`` in pixel coordinates, the region the
+    result refers to: where the model localised its label (``region_localised``), else the
+    scan region it analysed."""
+    region_localised: bool = False
+    """True when ``region`` is where the model localised its label, not the scan region."""
+    key_frame: int | None = None
+    """1-based number, within the instance, of the frame the result is best shown on (the
+    most confident analysed frame of a cine loop); ``None`` for a single frame."""
     needs_review: bool = False
     review_reasons: tuple[str, ...] = ()
 
@@ -192,6 +198,8 @@ def _study_result(data: Mapping[str, Any]) -> StudyResult:
                 ood_score=img.get("ood_score"),
                 out_of_distribution=bool(img.get("out_of_distribution", False)),
                 region=tuple(img["region"]) if img.get("region") is not None else None,
+                region_localised=bool(img.get("region_localised", False)),
+                key_frame=img.get("key_frame"),
                 needs_review=bool(img.get("needs_review", False)),
                 review_reasons=tuple(img.get("review_reasons", ())),
             )

@@ -3,17 +3,22 @@
 :func:`read_sr` is a pure function over an SR dataset (already read, e.g. by
 ``pydicom.dcmread``) returning an :class:`SRSummary`: per referenced source
 instance the view and finding with their probabilities, the QC outcome and
-reasons, the review flag and the algorithm identities. The API and the tests use
-it; it understands the content tree of the builder, not arbitrary TID 1500 SRs.
+reasons, the review flag and the algorithm identities. The standard parts (TID 1500,
+its TID 1410 groups, their measurements and qualitative evaluations) are read through
+highdicom's own template classes; only the node's private items are walked by hand,
+with the constants of :mod:`dicom_sr.codes` the builder writes them with. It is a unit
+test of the builder, not the acceptance: that is OHIF's SR extension (``tests/ohif``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from highdicom.sr import MeasurementReport
 from pydicom.dataset import Dataset
 
 from dicom_sr import codes
@@ -33,7 +38,6 @@ _FINDING = _key(codes.FINDING)
 _CONCLUSION = _key(codes.CONCLUSION)
 _PROBABILITY = _key(codes.PROBABILITY)
 _THRESHOLD = _key(codes.DECISION_THRESHOLD)
-_REQUIRES_REVIEW = _key(codes.REQUIRES_HUMAN_REVIEW)
 _REVIEW = _key(codes.HUMAN_REVIEW)
 _REVIEW_REASON = _key(codes.REVIEW_REASON)
 _ASSESSABILITY = _key(codes.ASSESSABILITY)
@@ -44,18 +48,16 @@ _IMAGE_QUALITY = _key(codes.IMAGE_QUALITY)
 _QC_REASON = _key(codes.QC_REASON)
 _QC_CHECK_OUTCOME = _key(codes.QC_CHECK_OUTCOME)
 _QUALITY_SCORE = _key(codes.QUALITY_SCORE)
-_NUMBER_OF_FRAMES = _key(codes.NUMBER_OF_FRAMES)
-_FRAMES_ANALYSED = _key(codes.FRAMES_ANALYSED)
-_OOD = _key(codes.OUT_OF_DISTRIBUTION)
+_FRAMES = _key(codes.FRAMES_TEXT)
+_COMMENT = _key(codes.COMMENT)
+_NOT_ANALYSED = _key(codes.NOT_ANALYSED)
+_NOT_ANALYSED_OOD = _key(codes.NOT_ANALYSED_OOD)
 _OOD_SCORE = _key(codes.OOD_SCORE)
 _MODEL_USED = _key(codes.MODEL_USED)
 _QUALITATIVE_EVALUATIONS = _key(codes.QUALITATIVE_EVALUATIONS)
-_YES = _key(codes.YES)
 _PERCENT = _key(codes.PERCENT)
 _QC_OUTCOMES = {_key(code): outcome for outcome, code in codes.QC_OUTCOME_CODES.items()}
 
-_MEASUREMENT_GROUP = _key(codes.MEASUREMENT_GROUP)
-_IMAGING_MEASUREMENTS = _key(codes.IMAGING_MEASUREMENTS)
 _TRACKING_ID = _key(codes.TRACKING_IDENTIFIER)
 _TRACKING_UID = _key(codes.TRACKING_UID)
 _ALGORITHM_NAME = _key(codes.ALGORITHM_NAME)
@@ -133,6 +135,8 @@ class ImageSummary:
     ood_score: float | None
     needs_review: bool
     review_reasons: tuple[str, ...]
+    comment: str | None = None
+    """The group's one-line result (what OHIF labels the region with)."""
 
 
 @dataclass(frozen=True)
@@ -248,93 +252,127 @@ def _algorithm(item: Dataset) -> AlgorithmIdentity | None:
     )
 
 
-def _label(item: Dataset) -> LabelSummary:
-    value = _code_value(item)
-    thresholds = _find(item, _THRESHOLD)
-    threshold = _num(thresholds[0]) if thresholds else None
-    algorithm = _algorithm(item)
-    if _key(value) == _REQUIRES_REVIEW:
-        reasons = _texts(item, _REVIEW_REASON)
-        return LabelSummary(code=None, probability=None, threshold=threshold, abstained=True,
-                            reason=reasons[0] if reasons else None, algorithm=algorithm)
+def _coded(value: Dataset) -> CodedLabel:
+    return CodedLabel(value=str(value.CodeValue), scheme=str(value.CodingSchemeDesignator),
+                      meaning=str(value.CodeMeaning))
+
+
+def _conclusion(item: Dataset) -> LabelSummary:
     probabilities = _find(item, _PROBABILITY)
-    return LabelSummary(
-        code=CodedLabel(
-            value=str(value.CodeValue),
-            scheme=str(value.CodingSchemeDesignator),
-            meaning=str(value.CodeMeaning),
-        ),
-        probability=_num(probabilities[0]) if probabilities else None,
-        threshold=threshold,
-        abstained=False,
-        reason=None,
-        algorithm=algorithm,
-    )
+    thresholds = _find(item, _THRESHOLD)
+    reviews = _find(item, _REVIEW)
+    reasons = _texts(reviews[0], _REVIEW_REASON) if reviews else ()
+    return LabelSummary(code=_coded(_code_value(item)),
+                        probability=_num(probabilities[0]) if probabilities else None,
+                        threshold=_num(thresholds[0]) if thresholds else None,
+                        abstained=bool(reviews),
+                        reason=reasons[0] if reasons else None, algorithm=_algorithm(item))
 
 
-def _source_reference(group: Dataset) -> tuple[str, str, tuple[int, int, int, int] | None]:
-    for child in _children(group):
-        if child.ValueType == "IMAGE":
-            ref = child.ReferencedSOPSequence[0]
-            return str(ref.ReferencedSOPInstanceUID), str(ref.ReferencedSOPClassUID), None
-        if child.ValueType == "SCOORD":
-            image = next(c for c in _children(child) if c.ValueType == "IMAGE")
-            ref = image.ReferencedSOPSequence[0]
-            data = [float(v) for v in child.GraphicData]
-            columns, rows = data[0::2], data[1::2]
-            region = (
-                round(min(columns)), round(min(rows)), round(max(columns)), round(max(rows))
-            )
-            return str(ref.ReferencedSOPInstanceUID), str(ref.ReferencedSOPClassUID), region
-    raise ValueError("measurement group references no source image")
+def _probability_label(measurement: Dataset, code: CodedLabel | None,
+                       reasons: tuple[str, ...]) -> LabelSummary:
+    """A group-level probability measurement (see ``codes.probability_concept``)."""
+    meaning = str(measurement.ConceptNameCodeSequence[0].CodeMeaning)
+    abstained = "NOT CONFIDENT" in meaning
+    thresholds = _find(measurement, _THRESHOLD)
+    return LabelSummary(code=code, probability=_num(measurement),
+                        threshold=_num(thresholds[0]) if thresholds else None,
+                        abstained=abstained,
+                        reason=next(iter(reasons), None) if abstained else None,
+                        algorithm=_algorithm(measurement))
 
 
-def _qc_reason(item: Dataset) -> QCReason:
-    code, _, message = str(item.TextValue).partition(": ")
-    outcomes = _find(item, _QC_CHECK_OUTCOME)
-    outcome = _QC_OUTCOMES[_key(_code_value(outcomes[0]))] if outcomes else QCOutcome.WARN
-    return QCReason(code=code, outcome=outcome, message=message)
+def _region(scoord: Dataset) -> tuple[str, str, tuple[int, int, int, int]]:
+    image = next(c for c in _children(scoord) if c.ValueType == "IMAGE")
+    ref = image.ReferencedSOPSequence[0]
+    data = [float(v) for v in scoord.GraphicData]
+    columns, rows = data[0::2], data[1::2]
+    region = (round(min(columns)), round(min(rows)), round(max(columns)), round(max(rows)))
+    return str(ref.ReferencedSOPInstanceUID), str(ref.ReferencedSOPClassUID), region
 
 
-def _image(group: Dataset) -> ImageSummary:
-    sop_uid, sop_class, region = _source_reference(group)
+def _frames(group: Dataset) -> tuple[int | None, int | None]:
+    texts = _texts(group, _FRAMES)
+    match = re.match(r"(\d+) of (\d+)", texts[0]) if texts else None
+    return (int(match[2]), int(match[1])) if match else (None, None)
+
+
+def _qc_reasons(item: Dataset, name: _Key) -> tuple[QCReason, ...]:
+    reasons = []
+    for text in _find(item, name):
+        outcomes = _find(text, _QC_CHECK_OUTCOME)
+        outcome = (_QC_OUTCOMES[_key(_code_value(outcomes[0]))] if outcomes
+                   else QCOutcome.WARN)
+        reasons.append(QCReason(code="", outcome=outcome, message=str(text.TextValue)))
+    return tuple(reasons)
+
+
+def _analysed_image(group: Dataset) -> ImageSummary:
+    """One TID 1410 group, through highdicom's template."""
+    sop_uid, sop_class, region = _region(group_scoord(group))
+    evaluations = {_key(_name_of(e)): e for e in _children(group)
+                   if e.ValueType == "CODE"}
+    view_code = (_coded(_code_value(evaluations[_IMAGE_VIEW]))
+                 if _IMAGE_VIEW in evaluations else None)
+    finding_code = (_coded(_code_value(evaluations[_FINDING]))
+                    if _FINDING in evaluations else None)
+    quality = evaluations.get(_IMAGE_QUALITY)
+    reasons = _texts(group, _REVIEW_REASON)
+    measurements = [c for c in _children(group) if c.ValueType == "NUM"
+                    and str(_name_of(c).CodeMeaning).endswith(("(probability)",
+                                                                "(NOT CONFIDENT, review)"))]
+    view = next((m for m in measurements
+                 if str(_name_of(m).CodeMeaning).startswith("View:")), None)
+    finding = next((m for m in measurements if m is not view), None)
+    scores = _texts(group, _QUALITY_SCORE)
+    total, used = _frames(group)
     tracking_ids = _texts(group, _TRACKING_ID)
     tracking_uids = [str(c.UID) for c in _find(group, _TRACKING_UID)]
-    views, findings = _find(group, _IMAGE_VIEW), _find(group, _FINDING)
-    qc_items = _find(group, _IMAGE_QUALITY)
-    qc_outcome: QCOutcome | None = None
-    qc_reasons: tuple[QCReason, ...] = ()
-    quality_score: float | None = None
-    if qc_items:
-        qc_outcome = _QC_OUTCOMES.get(_key(_code_value(qc_items[0])))
-        qc_reasons = tuple(_qc_reason(c) for c in _find(qc_items[0], _QC_REASON))
-        scores = _find(qc_items[0], _QUALITY_SCORE)
-        quality_score = _num(scores[0]) if scores else None
-    totals, used = _find(group, _NUMBER_OF_FRAMES), _find(group, _FRAMES_ANALYSED)
-    ood_items = _find(group, _OOD)
-    ood_score: float | None = None
-    if ood_items:
-        scores = _find(ood_items[0], _OOD_SCORE)
-        ood_score = _num(scores[0]) if scores else None
-    reviews = _find(group, _REVIEW)
     return ImageSummary(
-        sop_instance_uid=sop_uid,
-        sop_class_uid=sop_class,
+        sop_instance_uid=sop_uid, sop_class_uid=sop_class,
         tracking_identifier=tracking_ids[0] if tracking_ids else None,
         tracking_uid=tracking_uids[0] if tracking_uids else None,
         region=region,
-        view=_label(views[0]) if views else None,
-        finding=_label(findings[0]) if findings else None,
-        qc_outcome=qc_outcome,
-        qc_reasons=qc_reasons,
-        quality_score=quality_score,
-        frames_total=round(_num(totals[0])) if totals else None,
-        frames_used=round(_num(used[0])) if used else None,
-        out_of_distribution=bool(ood_items) and _key(_code_value(ood_items[0])) == _YES,
-        ood_score=ood_score,
-        needs_review=bool(reviews),
-        review_reasons=_texts(reviews[0], _REVIEW_REASON) if reviews else (),
+        view=_probability_label(view, view_code, reasons) if view is not None else None,
+        finding=(_probability_label(finding, finding_code, reasons)
+                 if finding is not None else None),
+        qc_outcome=_QC_OUTCOMES.get(_key(_code_value(quality))) if quality else None,
+        qc_reasons=_qc_reasons(group, _QC_REASON),
+        quality_score=float(scores[0].split()[0]) if scores else None,
+        frames_total=total, frames_used=used,
+        out_of_distribution=False, ood_score=None,
+        needs_review=_REVIEW in evaluations, review_reasons=reasons,
+        comment=next(iter(_texts(group, _COMMENT)), None),
     )
+
+
+def _not_analysed_image(item: Dataset) -> ImageSummary:
+    """A study-level "Image not analysed" statement."""
+    image = next(c for c in _children(item) if c.ValueType == "IMAGE")
+    ref = image.ReferencedSOPSequence[0]
+    quality = _find(item, _IMAGE_QUALITY)
+    scores = _find(item, _OOD_SCORE)
+    return ImageSummary(
+        sop_instance_uid=str(ref.ReferencedSOPInstanceUID),
+        sop_class_uid=str(ref.ReferencedSOPClassUID),
+        tracking_identifier=None, tracking_uid=None, region=None, view=None, finding=None,
+        qc_outcome=_QC_OUTCOMES.get(_key(_code_value(quality[0]))) if quality else None,
+        qc_reasons=_qc_reasons(item, _QC_REASON), quality_score=None, frames_total=None,
+        frames_used=0, out_of_distribution=_key(_code_value(item)) == _NOT_ANALYSED_OOD,
+        ood_score=_num(scores[0]) if scores else None,
+        needs_review=True, review_reasons=_texts(item, _REVIEW_REASON),
+        comment=None,
+    )
+
+
+def _name_of(item: Dataset) -> Dataset:
+    name: Dataset = item.ConceptNameCodeSequence[0]
+    return name
+
+
+def group_scoord(group: Dataset) -> Dataset:
+    """The group's Image Region (SCOORD)."""
+    return next(c for c in _children(group) if c.ValueType == "SCOORD")
 
 
 def _evidence_uids(ds: Dataset, keyword: str) -> tuple[str, ...]:
@@ -347,19 +385,20 @@ def _evidence_uids(ds: Dataset, keyword: str) -> tuple[str, ...]:
 
 
 def _read(ds: Dataset) -> SRSummary:
-    measurements = _find(ds, _IMAGING_MEASUREMENTS)
+    report = MeasurementReport.from_sequence([ds], copy=False)
     images: dict[str, ImageSummary] = {}
-    for container in measurements:
-        for group in _find(container, _MEASUREMENT_GROUP):
-            image = _image(group)
-            if image.sop_instance_uid in images:
-                logger.warning("SR %s has more than one group for %s; keeping the first",
-                               ds.get("SOPInstanceUID"), image.sop_instance_uid)
-                continue
-            images[image.sop_instance_uid] = image
-
+    for group in report.get_planar_roi_measurement_groups():
+        image = _analysed_image(group[0])
+        if image.sop_instance_uid in images:
+            logger.warning("SR %s has more than one group for %s; keeping the first",
+                           ds.get("SOPInstanceUID"), image.sop_instance_uid)
+            continue
+        images[image.sop_instance_uid] = image
     evaluations = _find(ds, _QUALITATIVE_EVALUATIONS)
     study = evaluations[0] if evaluations else Dataset()
+    for item in _find(study, _NOT_ANALYSED):
+        image = _not_analysed_image(item)
+        images.setdefault(image.sop_instance_uid, image)
     reviews = _find(study, _REVIEW)
     assess = _find(study, _ASSESSABILITY)
     conclusions = _find(study, _CONCLUSION)
@@ -375,7 +414,7 @@ def _read(ds: Dataset) -> SRSummary:
         study_instance_uid=str(ds.StudyInstanceUID),
         title=title,
         images=MappingProxyType(images),
-        conclusion=_label(conclusions[0]) if conclusions else None,
+        conclusion=_conclusion(conclusions[0]) if conclusions else None,
         needs_review=bool(reviews),
         review_reasons=_texts(reviews[0], _REVIEW_REASON) if reviews else (),
         assessable=not assess,

@@ -1,9 +1,11 @@
-"""Small DICOM datasets built in tests (the simulator makes realistic ones)."""
+"""Small DICOM datasets built in tests (the simulator makes realistic ones), and the
+checks that a peer the tests need is installed."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +54,30 @@ def write(ds: Dataset, path: Path) -> Path:
     return path
 
 
-def require_tools(*tools: str) -> None:
-    """Skip when a peer tool is missing; in CI (``CI=true``) fail instead, never hide it."""
-    missing = [t for t in tools if shutil.which(t) is None]
-    if not missing:
-        return
-    message = (
-        f"missing peer tools: {', '.join(missing)} "
-        "(apt-get install dcmtk dicom3tools orthanc)"
-    )
+def skip_or_fail(message: str) -> None:
+    """Skip when a peer is missing; in CI (``CI=true``) fail instead, never hide it."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_tools(*tools: str) -> None:
+    """Skip (locally) or fail (in CI) when a peer tool is missing."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        skip_or_fail(f"missing peer tools: {', '.join(missing)} "
+                     "(apt-get install dcmtk dicom3tools orthanc)")
+
+
+def require_npm_packages(folder: Path, *, marker: str = "") -> None:
+    """The npm packages of a test harness in ``folder``, installed from its lock file on
+    first use; skip (locally) or fail (in CI) without Node.js or when that fails.
+
+    ``marker`` names a package that must be there (default: any ``node_modules``)."""
+    modules = folder / "node_modules"
+    if shutil.which("node") and shutil.which("npm") and not modules.is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                       cwd=folder, capture_output=True, timeout=600, check=False)
+    if shutil.which("node") is None or not (modules / marker).is_dir():
+        skip_or_fail(f"the npm packages of {folder.name} are not installed: Node.js 20 "
+                     f"and 'npm ci --prefix {folder}'")

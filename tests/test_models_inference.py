@@ -49,7 +49,7 @@ def test_abstains_on_low_confidence() -> None:
     result = Analyser([pack]).analyse_study("1.2.3", [prepared_instance()])
     image = result.images[0]
     assert image.view is not None and image.view.abstained
-    assert "confidence 0.20 below threshold 0.60" in (image.view.reason or "")
+    assert "View not confident: 20.0% is below the 60.0% threshold" in (image.view.reason or "")
     assert image.finding is None
     assert image.needs_review and result.needs_review
     assert "low confidence: 1" in result.review_reasons[0]
@@ -60,7 +60,7 @@ def test_review_confidence_raises_the_floor() -> None:
     assert not Analyser([pack]).analyse_study("s", [prepared_instance()]).needs_review
     strict = Analyser([pack], review_confidence=0.9).analyse_study("s", [prepared_instance()])
     assert strict.images[0].view is not None and strict.images[0].view.abstained
-    assert "below threshold 0.90" in (strict.images[0].view.reason or "")
+    assert "below the 90.0% threshold" in (strict.images[0].view.reason or "")
 
 
 def test_abstains_on_abstain_label() -> None:
@@ -69,7 +69,7 @@ def test_abstains_on_abstain_label() -> None:
     pack = stub_pack({"view": [6.0, 0.0, 0.0, 0.0, 0.0]}, manifest=manifest)
     image = Analyser([pack]).analyse_study("s", [prepared_instance()]).images[0]
     assert image.view is not None and image.view.label == "abdomen" and image.view.abstained
-    assert "'abdomen' is not reportable" in (image.view.reason or "")
+    assert "'abdomen' is not a reportable result" in (image.view.reason or "")
     assert image.needs_review
 
 

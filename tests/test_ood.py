@@ -156,7 +156,7 @@ def test_analyser_withholds_the_view_of_high_energy_frames() -> None:
     assert strange.out_of_distribution and strange.ood_score is not None
     assert strange.ood_score == pytest.approx(-np.log(5.0), abs=1e-4)
     assert strange.view is not None and strange.view.abstained
-    assert "energy score -1.61 > threshold -3.00" in (strange.view.reason or "")
+    assert "energy score -1.61, threshold -3.00" in (strange.view.reason or "")
     assert strange.needs_review and result.needs_review
     assert "out of distribution: 1" in result.review_reasons[0]
 

@@ -10,15 +10,15 @@ study gets its SR.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from inprocess import InProcessNode, in_process_node
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
@@ -27,25 +27,15 @@ from sqlalchemy import select
 from dicom_sr.model import QCOutcome
 from dicom_sr.reader import read_sr
 from harness.poison import POISONS
-from node.config import Settings
-from node.db import Database, Instance, Job, JobState
-from node.listener import start_listener
+from node.db import Instance, Job, JobState
 from node.scheduler import Dispatcher, start_complete_studies
 from node.sop_classes import is_analysed
-from node.spool import Spool
 from simulator import simulate_study
 from workers import pipeline
 
 pytestmark = pytest.mark.timeout(300)
 
 VENDOR = "Northwind Medical"
-
-
-@dataclass
-class Node:
-    settings: Settings
-    db: Database
-    ctx: pipeline.WorkerContext
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +47,8 @@ def valid(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    from harness.peers import get_port
-
-    data = tmp_path_factory.mktemp("node")
-    settings = Settings(data_dir=data, dicom_host="127.0.0.1", dicom_port=get_port(),
-                        study_stable_seconds=0)
-    from node.db import open_database
-
-    db = open_database(settings.effective_database_url, settings.data_dir)
-    server = start_listener(settings, db, block=False)
-    assert server is not None
-    ctx = pipeline.WorkerContext(settings=settings, db=db,
-                                 spool=Spool(settings.spool_dir, settings.incoming_dir))
-    yield Node(settings, db, ctx)
-    server.shutdown()
-    db.dispose()
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessNode]:
+    yield from in_process_node(tmp_path_factory.mktemp("node"))
 
 
 def _study(valid: list[Dataset], folder: Path) -> tuple[str, list[Path]]:
@@ -83,7 +59,9 @@ def _study(valid: list[Dataset], folder: Path) -> tuple[str, list[Path]]:
         copy = ds.copy()
         copy.StudyInstanceUID = study_uid
         copy.SOPInstanceUID = generate_uid()
-        copy.file_meta = ds.file_meta.copy()
+        file_meta = ds.file_meta.copy()
+        assert isinstance(file_meta, FileMetaDataset)  # a shallow copy keeps the class
+        copy.file_meta = file_meta
         copy.file_meta.MediaStorageSOPInstanceUID = copy.SOPInstanceUID
         path = folder / f"valid{i}.dcm"
         copy.save_as(path, enforce_file_format=True)
@@ -91,7 +69,7 @@ def _study(valid: list[Dataset], folder: Path) -> tuple[str, list[Path]]:
     return study_uid, paths
 
 
-def _send(node: Node, paths: list[Path]) -> list[int | None]:
+def _send(node: InProcessNode, paths: list[Path]) -> list[int | None]:
     """C-STORE the files' bytes as they are, in one association; the statuses."""
     headers = [dcmread(p, stop_before_pixels=True, force=True) for p in paths]
     ae = AE(ae_title="MODALITY")
@@ -114,7 +92,7 @@ def _send(node: Node, paths: list[Path]) -> list[int | None]:
     return statuses
 
 
-def _analyse(node: Node, study_uid: str) -> Dataset:
+def _analyse(node: InProcessNode, study_uid: str) -> Dataset:
     """Run the study's job through QC, inference and the report; the SR."""
     jobs: list[int] = []
     dispatcher = Dispatcher(job=lambda job_id, _state: jobs.append(job_id),
@@ -132,7 +110,7 @@ def _analyse(node: Node, study_uid: str) -> Dataset:
         return dcmread(job.sr_path)
 
 
-def _check(node: Node, study_uid: str, valid_paths: list[Path], bad: Path,
+def _check(node: InProcessNode, study_uid: str, valid_paths: list[Path], bad: Path,
            status: int | None) -> None:
     bad_uid = str(dcmread(bad, stop_before_pixels=True, force=True).SOPInstanceUID)
     assert list(node.settings.incoming_dir.iterdir()) == [], "a received file leaked"
@@ -160,7 +138,7 @@ def _check(node: Node, study_uid: str, valid_paths: list[Path], bad: Path,
 
 @pytest.mark.parametrize("name", sorted(POISONS))
 def test_a_poisoned_instance_never_costs_its_study_the_report(
-    name: str, node: Node, valid: list[Dataset], tmp_path: Path
+    name: str, node: InProcessNode, valid: list[Dataset], tmp_path: Path
 ) -> None:
     study_uid, paths = _study(valid, tmp_path)
     poisoned = POISONS[name](dcmread(paths[0]))
@@ -185,7 +163,7 @@ _VRS = ("US", "SS", "UL", "LO", "SH", "CS", "DS", "IS", "UI", "OB", "PN", "DA", 
               st.binary(min_size=1, max_size=16)),
     min_size=1, max_size=3))
 def test_fuzzed_headers_never_cost_a_study_its_report(
-    edits: list[tuple[int, str, str, bytes]], node: Node, valid: list[Dataset],
+    edits: list[tuple[int, str, str, bytes]], node: InProcessNode, valid: list[Dataset],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     folder = tmp_path_factory.mktemp("fuzz")

@@ -408,4 +408,4 @@ def test_non_fetal_input_is_withheld(ood_pack: Path, tmp_path: Path) -> None:
     assert background, [img.view.label for img in plain.images if img.view]
     for image in background:
         assert image.view is not None and image.view.abstained
-        assert "'Background' is not reportable" in (image.view.reason or "")
+        assert "'Background' is not a reportable result" in (image.view.reason or "")

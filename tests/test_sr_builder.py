@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sr_fixtures as fx
-from highdicom.sr import Comprehensive3DSR
+from highdicom.sr import CodedConcept, Comprehensive3DSR
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_sr import build_sr, codes
 from dicom_sr.builder import SERIES_DESCRIPTION_SIMULATED
+from dicom_sr.model import CodedLabel, QCOutcome, StudyResult
 
 
-def _build(sources: list[Dataset], result, **kw) -> Dataset:
+def _build(sources: list[Dataset], result: StudyResult, **kw: Any) -> Dataset:
     kw.setdefault("series_instance_uid", generate_uid())
     kw.setdefault("sop_instance_uid", generate_uid())
     return build_sr(sources, result, **kw)
 
 
-def _walk(item: Dataset):
+def _walk(item: Dataset) -> Iterator[Dataset]:
     for child in item.get("ContentSequence", []):
         yield child
         yield from _walk(child)
 
 
-def _named(ds: Dataset, concept) -> list[Dataset]:
+def _named(ds: Dataset, concept: CodedConcept) -> list[Dataset]:
     return [
         i for i in _walk(ds)
         if i.ConceptNameCodeSequence[0].CodeValue == concept.value
@@ -44,7 +47,7 @@ def sources() -> list[Dataset]:
     return fx.make_sources()
 
 
-def test_header_copies_patient_and_study_and_uses_new_series(sources):
+def test_header_copies_patient_and_study_and_uses_new_series(sources: list[Dataset]) -> None:
     series, sop = generate_uid(), generate_uid()
     sr = _build(sources, fx.normal_result(sources), series_instance_uid=series,
                 sop_instance_uid=sop, instance_number=3, institution_name="General Hospital")
@@ -63,7 +66,7 @@ def test_header_copies_patient_and_study_and_uses_new_series(sources):
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99SONONODE"
 
 
-def test_evidence_references_every_source(sources):
+def test_evidence_references_every_source(sources: list[Dataset]) -> None:
     sr = _build(sources, fx.normal_result(sources))
     (study,) = sr.CurrentRequestedProcedureEvidenceSequence
     referenced = {
@@ -73,7 +76,7 @@ def test_evidence_references_every_source(sources):
     assert referenced == {(s.SOPClassUID, s.SOPInstanceUID) for s in sources}
 
 
-def test_evidence_includes_sources_without_an_image_result(sources):
+def test_evidence_includes_sources_without_an_image_result(sources: list[Dataset]) -> None:
     result = fx.normal_result(sources)
     result = dataclasses.replace(result, images=result.images[:1])
     sr = _build(sources, result)
@@ -82,99 +85,124 @@ def test_evidence_includes_sources_without_an_image_result(sources):
     assert len(_groups(sr)) == 1
 
 
-def test_one_group_per_image_with_tracking_and_source_reference(sources):
+def test_one_group_per_analysed_image_with_a_region_and_source_reference(
+    sources: list[Dataset],
+) -> None:
+    """TID 1410 for every analysed image (a group without a region breaks OHIF): the
+    model's localisation when it has one, else the analysed scan region, said so."""
     sr = _build(sources, fx.normal_result(sources))
     groups = _groups(sr)
     assert len(groups) == 3
     for group, source in zip(groups, sources, strict=True):
+        assert group.ContentTemplateSequence[0].TemplateIdentifier == "1410"
         names = [c.ConceptNameCodeSequence[0].CodeValue for c in group.ContentSequence]
         assert "112039" in names and "112040" in names  # tracking id and uid
-        refs = [
-            r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            for r in _walk(group) if r.ValueType == "IMAGE"
-        ]
+        (region,) = [c for c in group.ContentSequence if c.ValueType == "SCOORD"]
+        assert region.GraphicType == "POLYLINE"
+        refs = [r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                for r in _walk(region) if r.ValueType == "IMAGE"]
         assert refs == [source.SOPInstanceUID]
-    # the first image has a region: TID 1410 with a closed polygon on the source image
     (region,) = [c for c in groups[0].ContentSequence if c.ValueType == "SCOORD"]
-    assert region.GraphicType == "POLYLINE"
     assert [float(v) for v in region.GraphicData] == [40, 30, 600, 30, 600, 450, 40, 450, 40, 30]
-    assert groups[0].ContentTemplateSequence[0].TemplateIdentifier == "1410"
-    assert groups[1].ContentTemplateSequence[0].TemplateIdentifier == "1501"
+    (comment,) = _named(groups[0], codes.COMMENT)
+    assert comment.TextValue.startswith("Four chamber view 93.0 % | Normal 87.0 %")
+    assert "analysed scan sector, not a lesion outline" in comment.TextValue
 
 
-def test_tracking_uid_is_stable_across_versions(sources):
+def test_tracking_uid_is_stable_across_versions(sources: list[Dataset]) -> None:
     result = fx.normal_result(sources)
     uids = [
-        [i.UID for i in _named(_build(sources, result), codes.CodedConcept(
+        [i.UID for i in _named(_build(sources, result), CodedConcept(
             "112040", "DCM", "Tracking Unique Identifier"))]
         for _ in range(2)
     ]
     assert uids[0] == uids[1] and len(set(uids[0])) == 3
 
 
-def test_every_model_output_carries_algorithm_identification(sources):
+def test_every_model_output_carries_algorithm_identification(sources: list[Dataset]) -> None:
+    """TID 4019 on every probability measurement, on every group and on the conclusion."""
     sr = _build(sources, fx.normal_result(sources))
-    model_items = (
-        _named(sr, codes.IMAGE_VIEW) + _named(sr, codes.FINDING) + _named(sr, codes.CONCLUSION)
-    )
-    assert len(model_items) == 3 + 3 + 1
+    probabilities = [i for i in _walk(sr) if i.ValueType == "NUM"
+                     and i.ConceptNameCodeSequence[0].CodeMeaning.endswith("(probability)")]
+    model_items = probabilities + _groups(sr) + _named(sr, codes.CONCLUSION)
+    assert len(probabilities) == 3 + 3
     for item in model_items:
         children = {c.ConceptNameCodeSequence[0].CodeValue: c for c in item.ContentSequence}
         assert {"111001", "111003", "111002"} <= set(children)
         assert children["111002"].TextValue.startswith("sha256=")
         assert children["111002"].TextValue[7:] in {"a" * 64, "b" * 64}
-        assert children["111001"].RelationshipType == "HAS CONCEPT MOD"
 
 
-def test_probability_is_written_in_percent(sources):
+def test_probability_is_a_group_level_measurement_in_percent(sources: list[Dataset]) -> None:
+    """What OHIF prints on the region: '<task>: <label> (probability): 93.0 %'."""
     sr = _build(sources, fx.normal_result(sources))
-    view = _named(sr, codes.IMAGE_VIEW)[0]
-    (prob,) = [c for c in view.ContentSequence if c.ValueType == "NUM"
-               and c.ConceptNameCodeSequence[0].CodeValue == codes.PROBABILITY.value]
-    value = prob.MeasuredValueSequence[0]
+    group = _groups(sr)[0]
+    nums = [c for c in group.ContentSequence if c.ValueType == "NUM"]
+    assert [n.ConceptNameCodeSequence[0].CodeMeaning for n in nums] == [
+        "View: Four chamber view (probability)", "Finding: Normal (probability)"]
+    value = nums[0].MeasuredValueSequence[0]
     assert float(value.NumericValue) == pytest.approx(93.0)
     assert value.MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    (view,) = _named(group, codes.IMAGE_VIEW)
+    assert view.ConceptCodeSequence[0].CodeValue == fx.FOUR_CHAMBER.value
 
 
-def test_abstained_finding_is_not_presented(sources):
+def test_a_finding_below_threshold_keeps_its_best_guess_marked_not_confident(
+    sources: list[Dataset],
+) -> None:
     result = fx.review_result(sources)
     sr = _build(sources, result)
-    abstained_image = _groups(sr)[1]
-    (finding,) = _named(abstained_image, codes.FINDING)
-    assert finding.ConceptCodeSequence[0].CodeValue == codes.REQUIRES_HUMAN_REVIEW.value
-    # neither the withheld code nor its probability appears anywhere in the group
-    values = {i.ConceptCodeSequence[0].CodeValue for i in _walk(abstained_image)
-              if i.ValueType == "CODE"}
-    assert fx.ABNORMAL.value not in values
-    assert not [c for c in finding.ContentSequence
-                if c.ConceptNameCodeSequence[0].CodeValue == codes.PROBABILITY.value]
-    reasons = [c.TextValue for c in finding.ContentSequence if c.ValueType == "TEXT"
-               and c.ConceptNameCodeSequence[0].CodeValue == codes.REVIEW_REASON.value]
-    assert reasons == ["low confidence: 0.41 below threshold 0.70"]
+    group = _groups(sr)[1]
+    nums = [c.ConceptNameCodeSequence[0].CodeMeaning for c in group.ContentSequence
+            if c.ValueType == "NUM"]
+    assert "Finding: Abnormal (NOT CONFIDENT, review)" in nums
+    (comment,) = _named(group, codes.COMMENT)
+    assert "Abnormal 41.0 % (not confident)" in comment.TextValue
+    reasons = [c.TextValue for c in _named(group, codes.REVIEW_REASON)]
+    assert reasons == ["Low confidence: 0.41 below threshold 0.70"]
+    (review,) = [q for q in _named(group, codes.HUMAN_REVIEW)]
+    assert review.ConceptCodeSequence[0].CodeValue == codes.REQUIRES_HUMAN_REVIEW.value
 
 
-def test_study_review_statement_is_coded_and_textual(sources):
+def test_study_review_statement_is_coded_and_textual(sources: list[Dataset]) -> None:
     sr = _build(sources, fx.review_result(sources))
     study_reviews = [i for i in _named(sr, codes.HUMAN_REVIEW)
-                     if "image 2" in i.ContentSequence[0].TextValue]
+                     if "ContentSequence" in i and "Image 2" in i.ContentSequence[0].TextValue]
     assert len(study_reviews) == 1
     assert study_reviews[0].ConceptCodeSequence[0].CodeMeaning == "Requires human review"
     (summary,) = _named(sr, codes.SUMMARY)
-    assert summary.TextValue.startswith("REQUIRES HUMAN REVIEW: image 2: low confidence")
+    assert summary.TextValue.startswith("REQUIRES HUMAN REVIEW: Image 2: low confidence")
     (conclusion,) = _named(sr, codes.CONCLUSION)
-    assert conclusion.ConceptCodeSequence[0].CodeValue == codes.REQUIRES_HUMAN_REVIEW.value
+    # The best guess stays, with its probability, marked as requiring review.
+    assert conclusion.ConceptCodeSequence[0].CodeValue == fx.ABNORMAL.value
+    assert _named(conclusion, codes.REQUIRES_HUMAN_REVIEW) or [
+        c for c in conclusion.ContentSequence
+        if c.ConceptNameCodeSequence[0].CodeValue == codes.HUMAN_REVIEW.value]
 
 
-def test_qc_failed_image_lists_non_pass_reasons(sources):
+def test_a_qc_failed_image_is_a_study_level_statement_with_its_reasons(
+    sources: list[Dataset],
+) -> None:
+    """No measurement group without a region (OHIF's loader throws on one): the image is
+    'not analysed', with a reference to it and the reasons in words."""
     sr = _build(sources, fx.qc_failed_result(sources))
-    quality = _named(_groups(sr)[0], codes.IMAGE_QUALITY)[0]
-    assert quality.ConceptCodeSequence[0].CodeValue == "111235"  # unusable
-    reasons = [c.TextValue for c in quality.ContentSequence if c.ValueType == "TEXT"]
-    assert reasons == ["saturated: 62% of pixels saturated", "low_contrast: contrast below 0.1"]
-    assert not _named(_groups(sr)[0], codes.IMAGE_VIEW)
+    assert len(_groups(sr)) == 2
+    (item,) = _named(sr, codes.NOT_ANALYSED)
+    assert item.ConceptCodeSequence[0].CodeValue == codes.NOT_ANALYSED_QC.value
+    (image,) = [c for c in item.ContentSequence if c.ValueType == "IMAGE"]
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+    texts = [c for c in item.ContentSequence if c.ValueType == "TEXT"]
+    qc = [c for c in texts if c.ConceptNameCodeSequence[0].CodeValue == codes.QC_REASON.value]
+    assert [c.TextValue for c in qc] == ["62% of pixels saturated"]
+    (outcome,) = qc[0].ContentSequence
+    assert outcome.ConceptCodeSequence[0].CodeValue == (
+        codes.QC_OUTCOME_CODES[QCOutcome.FAIL].value)
+    assert all(c.TextValue != qc[0].TextValue for c in texts if c not in qc), "said twice"
+    (summary,) = _named(sr, codes.SUMMARY)
+    assert "2 of 3 image(s) analysed" in summary.TextValue
 
 
-def test_not_assessable_study_presents_no_finding(sources):
+def test_not_assessable_study_presents_no_finding(sources: list[Dataset]) -> None:
     result = fx.not_assessable_result(sources)
     # even a stray finding from a worker must not be presented
     images = (dataclasses.replace(result.images[0], finding=fx.finding()), *result.images[1:])
@@ -182,32 +210,37 @@ def test_not_assessable_study_presents_no_finding(sources):
     sr = _build(sources, result)
     assert not _named(sr, codes.FINDING)
     assert not _named(sr, codes.CONCLUSION)
+    assert not _groups(sr) and not _named(sr, codes.IMAGING_MEASUREMENTS)
     (assess,) = _named(sr, codes.ASSESSABILITY)
     assert assess.ConceptCodeSequence[0].CodeValue == codes.NOT_ASSESSABLE.value
     reasons = [c.TextValue for c in assess.ContentSequence]
-    assert "blank: all frames are blank" in reasons
+    assert "All frames are blank" in reasons
+    assert len(_named(sr, codes.NOT_ANALYSED)) == 3
     (summary,) = _named(sr, codes.SUMMARY)
-    assert "NOT ASSESSABLE" in summary.TextValue
+    assert "NOT ASSESSABLE" in summary.TextValue and "0 of 3 image(s) analysed" in summary.TextValue
 
 
-def test_simulated_training_data_disclaimer(sources):
+def test_simulated_training_data_disclaimer_once_each(sources: list[Dataset]) -> None:
+    """The standard title always (viewers need it); the disclaimer in the Disclaimer item,
+    the Series Description and each algorithm name, once each."""
     sr = _build(sources, fx.simulated_result(sources))
-    assert "NOT FOR CLINICAL USE" in sr.ConceptNameCodeSequence[0].CodeMeaning
+    assert sr.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurement Report"
     assert sr.SeriesDescription == SERIES_DESCRIPTION_SIMULATED
     (disclaimer,) = _named(sr, codes.DISCLAIMER)
     assert "simulated" in disclaimer.TextValue and "NOT FOR CLINICAL USE" in disclaimer.TextValue
-    names = {i.TextValue for i in _walk(sr)
-             if i.ConceptNameCodeSequence[0].CodeValue == "111001"}
-    assert names == {"sononode-sim" + codes.SIMULATED_SUFFIX}
+    names = [i.TextValue for i in _walk(sr)
+             if i.ConceptNameCodeSequence[0].CodeValue == "111001"]
+    assert set(names) == {"sononode-sim" + codes.SIMULATED_SUFFIX}
+    assert all(n.count("NOT FOR CLINICAL USE") == 1 for n in names)
 
 
-def test_no_disclaimer_without_simulated_models(sources):
+def test_no_disclaimer_without_simulated_models(sources: list[Dataset]) -> None:
     sr = _build(sources, fx.normal_result(sources))
     assert sr.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurement Report"
     assert not _named(sr, codes.DISCLAIMER)
 
 
-def test_superseding_sr_references_predecessor_in_same_series(sources):
+def test_superseding_sr_references_predecessor_in_same_series(sources: list[Dataset]) -> None:
     series = generate_uid()
     first = _build(sources, fx.review_result(sources), series_instance_uid=series)
     second = _build(sources, fx.normal_result(sources), series_instance_uid=series,
@@ -219,7 +252,7 @@ def test_superseding_sr_references_predecessor_in_same_series(sources):
     assert "PredecessorDocumentsSequence" not in first
 
 
-def test_missing_type2_patient_attributes_do_not_block(sources):
+def test_missing_type2_patient_attributes_do_not_block(sources: list[Dataset]) -> None:
     for s in sources:
         del s.StudyID
         del s.ReferringPhysicianName
@@ -231,50 +264,50 @@ def test_missing_type2_patient_attributes_do_not_block(sources):
 # --------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------
-def test_empty_sources(sources):
+def test_empty_sources(sources: list[Dataset]) -> None:
     with pytest.raises(ValueError, match="sources is empty"):
         _build([], fx.normal_result(sources))
 
 
-def test_result_references_unknown_instance(sources):
+def test_result_references_unknown_instance(sources: list[Dataset]) -> None:
     result = fx.normal_result(sources)
     with pytest.raises(ValueError, match=rf"references instance {result.images[2].sop_instance_uid}"
                                           r", which is not among the 2 source"):
         _build(sources[:2], result)
 
 
-def test_source_from_another_study(sources):
+def test_source_from_another_study(sources: list[Dataset]) -> None:
     other = fx.make_source(generate_uid(), generate_uid(), number=9)
     with pytest.raises(ValueError, match=r"sources\[3\] .* belongs to study"):
         _build([*sources, other], fx.normal_result(sources))
 
 
-def test_duplicate_source(sources):
+def test_duplicate_source(sources: list[Dataset]) -> None:
     with pytest.raises(ValueError, match=r"sources\[3\] repeats SOP Instance UID"):
         _build([*sources, sources[0]], fx.normal_result(sources))
 
 
-def test_source_missing_uid(sources):
+def test_source_missing_uid(sources: list[Dataset]) -> None:
     del sources[1].SeriesInstanceUID
     with pytest.raises(ValueError, match=r"sources\[1\] lacks required attribute\(s\) "
                                          r"\['SeriesInstanceUID'\]"):
         _build(sources, fx.normal_result(sources))
 
 
-def test_no_image_results(sources):
+def test_no_image_results(sources: list[Dataset]) -> None:
     result = dataclasses.replace(fx.normal_result(sources), images=())
     with pytest.raises(ValueError, match="has no image results"):
         _build(sources, result)
 
 
-def test_duplicate_image_result(sources):
+def test_duplicate_image_result(sources: list[Dataset]) -> None:
     result = fx.normal_result(sources)
     result = dataclasses.replace(result, images=(*result.images, result.images[0]))
     with pytest.raises(ValueError, match="more than one image result"):
         _build(sources, result)
 
 
-def test_sop_class_mismatch(sources):
+def test_sop_class_mismatch(sources: list[Dataset]) -> None:
     result = fx.normal_result(sources)
     bad = dataclasses.replace(result.images[2], sop_class_uid=fx.US_IMAGE)
     result = dataclasses.replace(result, images=(*result.images[:2], bad))
@@ -287,7 +320,9 @@ def test_sop_class_mismatch(sources):
     [((10, 10, 5, 20), "must satisfy 0 <= column0 < column1"),
      ((0, 0, 700, 100), "exceeds the 640x480 image")],
 )
-def test_bad_region(sources, region, message):
+def test_bad_region(
+    sources: list[Dataset], region: tuple[int, int, int, int], message: str
+) -> None:
     result = fx.normal_result(sources)
     bad = dataclasses.replace(result.images[0], region=region)
     result = dataclasses.replace(result, images=(bad, *result.images[1:]))
@@ -295,7 +330,7 @@ def test_bad_region(sources, region, message):
         _build(sources, result)
 
 
-def test_bad_frame_counts(sources):
+def test_bad_frame_counts(sources: list[Dataset]) -> None:
     result = fx.normal_result(sources)
     bad = dataclasses.replace(result.images[2], frames_used=41)
     result = dataclasses.replace(result, images=(*result.images[:2], bad))
@@ -303,7 +338,7 @@ def test_bad_frame_counts(sources):
         _build(sources, result)
 
 
-def test_abstention_without_reason(sources):
+def test_abstention_without_reason(sources: list[Dataset]) -> None:
     result = fx.normal_result(sources)
     bad = dataclasses.replace(result.images[0], finding=fx.finding(abstained=True))
     result = dataclasses.replace(result, images=(bad, *result.images[1:]))
@@ -311,44 +346,83 @@ def test_abstention_without_reason(sources):
         _build(sources, result)
 
 
-def test_code_meaning_too_long(sources):
+def test_code_meaning_too_long(sources: list[Dataset]) -> None:
     result = fx.normal_result(sources)
-    long_code = fx.CodedLabel("X1", "99SONONODE", "x" * 65)
+    long_code = CodedLabel("X1", "99SONONODE", "x" * 65)
     bad = dataclasses.replace(result.images[0], view=fx.view(long_code))
     result = dataclasses.replace(result, images=(bad, *result.images[1:]))
     with pytest.raises(ValueError, match="exceeds DICOM limits"):
         _build(sources, result)
 
 
-def test_series_uid_must_be_new(sources):
+def test_series_uid_must_be_new(sources: list[Dataset]) -> None:
     with pytest.raises(ValueError, match="is a source series"):
         _build(sources, fx.normal_result(sources),
                series_instance_uid=sources[0].SeriesInstanceUID)
 
 
-def test_invalid_uid(sources):
+def test_invalid_uid(sources: list[Dataset]) -> None:
     with pytest.raises(ValueError, match="sop_instance_uid is not a valid UID"):
         _build(sources, fx.normal_result(sources), sop_instance_uid="1.2.abc")
 
 
-def test_previous_version_from_other_study(sources):
+def test_previous_version_from_other_study(sources: list[Dataset]) -> None:
     other = fx.make_sources()
     previous = _build(other, fx.normal_result(other))
     with pytest.raises(ValueError, match=r"previous_versions\[0\] .* belongs to study"):
         _build(sources, fx.normal_result(sources), previous_versions=[previous])
 
 
-def test_empty_previous_versions_writes_no_predecessors(sources):
+def test_empty_previous_versions_writes_no_predecessors(sources: list[Dataset]) -> None:
     sr = _build(sources, fx.normal_result(sources), previous_versions=[])
     assert "PredecessorDocumentsSequence" not in sr
 
 
-def test_out_of_distribution_loop_withholds_its_view(sources):
+def test_an_out_of_distribution_loop_reports_no_class(sources: list[Dataset]) -> None:
     sr = _build(sources, fx.review_result(sources))
-    loop = _groups(sr)[2]
-    (view,) = _named(loop, codes.IMAGE_VIEW)
-    assert view.ConceptCodeSequence[0].CodeValue == codes.REQUIRES_HUMAN_REVIEW.value
-    (ood,) = _named(loop, codes.OUT_OF_DISTRIBUTION)
-    assert ood.ConceptCodeSequence[0].CodeValue == codes.YES.value
-    score = ood.ContentSequence[0].MeasuredValueSequence[0].NumericValue
-    assert float(score) == pytest.approx(0.97)
+    assert len(_groups(sr)) == 2
+    (item,) = _named(sr, codes.NOT_ANALYSED)
+    assert item.ConceptCodeSequence[0].CodeValue == codes.NOT_ANALYSED_OOD.value
+    values = {i.ConceptCodeSequence[0].CodeValue for i in _walk(item) if i.ValueType == "CODE"}
+    assert fx.ABDOMEN.value not in values
+    (score,) = [c for c in item.ContentSequence if c.ValueType == "NUM"]
+    assert float(score.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.97)
+
+
+def test_the_model_packs_are_contributing_equipment_with_a_device_uid(
+    sources: list[Dataset],
+) -> None:
+    """IHE AIR: each model pack as Processing Equipment, its Device UID from its sha256."""
+    from dicom_sr.builder import device_uid
+
+    sr = _build(sources, fx.normal_result(sources), device_observer_uid="1.2.3.4.5")
+    equipment = {e.ManufacturerModelName: e for e in sr.ContributingEquipmentSequence
+                 if "DeviceUID" in e}  # highdicom adds itself, without one
+    assert set(equipment) == {"sononode-view", "sononode-finding"}
+    view = equipment["sononode-view"]
+    assert view.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert view.SoftwareVersions == "1.2.0"
+    assert view.DeviceUID == device_uid(fx.VIEW_ALGO) != device_uid(fx.FINDING_ALGO)
+    observers = [i.UID for i in _walk(sr) if i.ValueType == "UIDREF"
+                 and i.ConceptNameCodeSequence[0].CodeValue == "121012"]
+    assert observers == ["1.2.3.4.5"]
+
+
+def test_a_superseding_sr_says_so_in_words(sources: list[Dataset]) -> None:
+    series = generate_uid()
+    first = _build(sources, fx.review_result(sources), series_instance_uid=series)
+    second = _build(sources, fx.normal_result(sources), series_instance_uid=series,
+                    instance_number=2, previous_versions=[first])
+    (supersedes,) = _named(second, codes.SUPERSEDES)
+    assert supersedes.TextValue == first.SOPInstanceUID
+    (summary,) = _named(second, codes.SUMMARY)
+    assert f"supersedes the earlier AI report(s) {first.SOPInstanceUID}" in summary.TextValue
+
+def test_every_concept_is_in_the_docs_table() -> None:
+    from pathlib import Path
+
+    table = (Path(__file__).resolve().parents[1] / "docs" / "SR.md").read_text()
+    for name, value in vars(codes).items():
+        if name.isupper() and isinstance(value, CodedConcept):
+            assert f"| `{name}` | `{value.value}` | {value.scheme_designator} | " \
+                   f"{value.meaning} |" in table, name
