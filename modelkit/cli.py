@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from modelkit.data import read_labelled_folder, simulate_frameset, split_by_study, vendor_names
+from modelkit.drift import REFERENCE_SEED as DRIFT_REFERENCE_SEED
+from modelkit.drift import fit_pack_reference, write_reference
 from modelkit.evaluate import evaluate_pack, markdown_report, model_card, to_json, write_plots
 from modelkit.info import cmd_info
 from modelkit.pack_writer import write_pack
@@ -43,6 +45,7 @@ from modelkit.train import (
     size_report,
     train_network,
 )
+from node.drift.reference import DEFAULT_FALSE_ALARMS
 from workers.models.manifest import PackError
 from workers.models.nets import POOLING, MultiTaskMobileNet
 from workers.models.packs import ModelPack
@@ -466,6 +469,24 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drift_reference(args: argparse.Namespace) -> int:
+    pack = ModelPack.load(args.pack, device=args.device)
+    reference = fit_pack_reference(
+        pack,
+        studies_per_vendor=args.studies_per_vendor,
+        seed=args.seed,
+        false_alarms=args.false_alarms,
+        cache=args.cache,
+        progress=lambda line: print(line, flush=True),
+    )
+    path = write_reference(args.pack, reference)
+    for key, group in reference.groups.items():
+        print(f"{key}: {group.studies} studies, {group.images} images, "
+              f"{len(group.signals)} signals ({group.charts()} tests)")
+    print(f"wrote {path}; the manifest names it with its sha256")
+    return 0
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     pack = ModelPack.load(args.pack, device=args.device)
     rng = np.random.default_rng(0)
@@ -570,6 +591,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=2, help="simulation processes")
     p.add_argument("--report", type=Path, help="write the evaluation JSON here")
     p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("drift-reference",
+                       help="fit a pack's drift reference on simulated studies of its vendors")
+    p.add_argument("pack", type=Path)
+    p.add_argument("--studies-per-vendor", type=int, default=120)
+    p.add_argument("--seed", type=int, default=DRIFT_REFERENCE_SEED)
+    p.add_argument("--false-alarms", type=float, default=DEFAULT_FALSE_ALARMS,
+                   help="target false-alarm episodes per stream and 1000 studies")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="keep the simulated studies' signals here and reuse them")
+    p.set_defaults(func=cmd_drift_reference)
 
     p = sub.add_parser("info", help="verify a pack and print its manifest summary")
     p.add_argument("pack", type=Path)

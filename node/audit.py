@@ -34,6 +34,12 @@ class Action(StrEnum):
     """An authenticated API request (method, route, status)."""
     PURGED = "purged"
     """Retention deleted a study's pixel data."""
+    DRIFT_BASELINE = "drift_baseline"
+    """A site drift baseline was frozen or cleared (which stream)."""
+    REANALYSE = "reanalyse"
+    """A re-analysis of a study was requested (why, by whom)."""
+    FEEDBACK = "feedback"
+    """A reader's verdict on an AI result (which SR, image and result; no free text)."""
 
 
 def record(session: Session, actor: str, action: Action, *, study: str | None = None,

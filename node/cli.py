@@ -165,6 +165,48 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reanalyse(args: argparse.Namespace) -> int:
+    settings = _setup("reanalyse")
+    from node import audit, jobs
+    from node.db import open_database
+
+    db = open_database(settings.effective_database_url, settings.data_dir)
+    try:
+        with db.session() as session:
+            job = jobs.reanalyse(session, args.study_uid)
+            audit.record(session, "cli", audit.Action.REANALYSE, study=args.study_uid,
+                         detail={"job": job.id, "reason": args.reason})
+            job_id = job.id
+    except (jobs.NotFound, jobs.Conflict) as exc:
+        print(f"sononode: {exc}", file=sys.stderr)
+        return 1
+    print(f"study {args.study_uid}: re-analysis queued as job {job_id}; the scheduler "
+          f"dispatches it within {settings.scheduler_interval_seconds * 10:g} s and its SR "
+          "supersedes the study's latest")
+    return 0
+
+
+def _cmd_feedback_export(args: argparse.Namespace) -> int:
+    settings = _setup("feedback")
+    from node import audit
+    from node.db import open_database
+    from node.feedback import export_cases
+    from node.spool import Spool
+
+    db = open_database(settings.effective_database_url, settings.data_dir)
+    with db.session() as session:
+        done = export_cases(session, Spool(settings.spool_dir, settings.incoming_dir),
+                            args.out)
+        audit.record(session, "cli", audit.Action.FEEDBACK,
+                     detail={"exported": done.images, "to": str(args.out)})
+    print(f"{done.images} image(s) with {done.labels} confirmed label(s) in {args.out} "
+          f"(labels.csv); train with: sononode model train --data {args.out}")
+    if done.missing:
+        print(f"{len(done.missing)} image(s) no longer in the spool (retention) were left out",
+              file=sys.stderr)
+    return 0
+
+
 def _peer(args: argparse.Namespace) -> tuple[str, int, str]:
     from node.config import get_settings
 
@@ -242,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
                               help="default: SONONODE_RETENTION_DAYS")
     purge_parser.add_argument("--dry-run", action="store_true", help="only count")
     purge_parser.set_defaults(func=_cmd_purge)
+    reanalyse_parser = sub.add_parser("reanalyse",
+                                      help="analyse a study again (its SR supersedes the last)")
+    reanalyse_parser.add_argument("study_uid")
+    reanalyse_parser.add_argument("--reason", default="", help="kept in the audit trail")
+    reanalyse_parser.set_defaults(func=_cmd_reanalyse)
+    feedback_parser = sub.add_parser("feedback", help="readers' verdicts on AI results")
+    feedback_sub = feedback_parser.add_subparsers(dest="feedback_command", required=True)
+    export_parser = feedback_sub.add_parser(
+        "export", help="agreed and corrected results as DICOM files and a labels.csv that "
+        "'sononode model train --data' reads")
+    export_parser.add_argument("--out", type=Path, required=True)
+    export_parser.set_defaults(func=_cmd_feedback_export)
     for name, func, text in (("echo", _cmd_echo, "C-ECHO a DICOM peer"),
                              ("send", _cmd_send, "C-STORE files or folders to a DICOM peer")):
         p = sub.add_parser(name, help=text)

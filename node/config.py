@@ -195,6 +195,18 @@ class Settings(BaseSettings):
         description="This process's sub-folder of <data>/metrics (compose gives each container "
         "its own: process ids repeat across containers); the API merges them all.",
     )
+    vendor_aliases: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Manufacturer names that stand for one vendor in drift monitoring: "
+        "'variant=name' pairs, comma-separated (e.g. 'GE Medical Systems=GE Healthcare').",
+    )
+    drift_baseline_studies: int = Field(
+        default=50,
+        ge=20,
+        le=10000,
+        description="Studies after which a stream whose pack has no drift reference gets "
+        "a site baseline (and the default size of one frozen through the API).",
+    )
     preload_models: bool = Field(
         default=False,
         description="Load the model packs when a worker process starts (set by 'sononode "
@@ -207,6 +219,19 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [parse_destination(part) for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("vendor_aliases", mode="before")
+    @classmethod
+    def _split_aliases(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for part in (p for p in value.split(",") if p.strip()):
+            variant, sep, name = part.partition("=")
+            if not sep or not variant.strip() or not name.strip():
+                raise ValueError(f"{part.strip()!r} is not 'variant=name'")
+            pairs[variant.strip()] = name.strip()
+        return pairs
 
     @field_validator("allowed_peers", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     text,
@@ -98,6 +99,17 @@ class ExportState(StrEnum):
     """Retry budget spent or permanent refusal; replay with ``POST /exports/{id}/replay``."""
 
 
+class FeedbackVerdict(StrEnum):
+    """What a reader said about one AI result."""
+
+    AGREE = "agree"
+    """The result is right."""
+    DISAGREE = "disagree"
+    """The result is wrong; the right label is not given."""
+    CORRECTED = "corrected"
+    """The result is wrong; ``Feedback.corrected_label`` is the right one."""
+
+
 def _state_column(enum: type[StrEnum]) -> SQLEnum:
     """A typed state column stored as the members' lower-case values (VARCHAR, no DB enum)."""
     return SQLEnum(enum, native_enum=False, create_constraint=False, length=16,
@@ -112,6 +124,7 @@ class Base(DeclarativeBase):
         StudyState: _state_column(StudyState),
         JobState: _state_column(JobState),
         ExportState: _state_column(ExportState),
+        FeedbackVerdict: _state_column(FeedbackVerdict),
     }
 
 
@@ -276,6 +289,82 @@ class PurgedStudy(Base):
     purged_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     files: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(Integer)
+
+
+class DriftStream(Base):
+    """The drift monitor of one vendor, scanner and model pack (:mod:`node.drift`)."""
+
+    __tablename__ = "drift_streams"
+    __table_args__ = (UniqueConstraint("vendor", "scanner", "model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    vendor: Mapped[str] = mapped_column(String(64))
+    scanner: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(160))
+    as_sent: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(8), default="warming")
+    reasons: Mapped[list[str]] = mapped_column(JSON, default=list)
+    reference: Mapped[str] = mapped_column(String(256), default="")
+    """Which reference the stream is compared with, in words."""
+    studies: Mapped[int] = mapped_column(Integer, default=0)
+    images: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """Per signal ``[S+, S-, t, score, direction]``: the upper and lower CUSUM statistics,
+    the last study statistic, the score (>= 1: alarming) and its direction."""
+    confidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    """Per head ``[recent, reference]`` mean calibrated confidence (expected accuracy)."""
+    baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """A site baseline frozen from the stream's own studies (replaces the pack's group)."""
+    baseline_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_study_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class DriftObservation(Base):
+    """One study's signals in one drift stream, with the test's state after it."""
+
+    __tablename__ = "drift_observations"
+    __table_args__ = (
+        UniqueConstraint("stream_id", "study_instance_uid"),
+        Index("ix_drift_observations_stream", "stream_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    stream_id: Mapped[int] = mapped_column(ForeignKey("drift_streams.id"))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    observed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    images: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    statistics: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    scores: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(String(8))
+
+
+class Feedback(Base):
+    """A reader's verdict on one result (view or finding) of one image in one SR."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    sr_sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    tracking_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    item: Mapped[str] = mapped_column(String(16))
+    """``view`` or ``finding``: which result of the image."""
+    task: Mapped[str] = mapped_column(String(32))
+    """The pack's head that produced it (``view``, ``nodule``, ...)."""
+    model: Mapped[str] = mapped_column(String(160))
+    """The pack, ``"name version"``."""
+    vendor: Mapped[str] = mapped_column(String(64))
+    """Normalised vendor of the image (:func:`node.drift.vendors.scanner_of`)."""
+    predicted_label: Mapped[str] = mapped_column(String(64))
+    predicted_probability: Mapped[float] = mapped_column(Float)
+    verdict: Mapped[FeedbackVerdict] = mapped_column(index=True)
+    corrected_label: Mapped[str | None] = mapped_column(String(64))
+    comment: Mapped[str | None] = mapped_column(Text)
 
 
 class Export(Base):

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from node.broker import Queue
 from node.db import Job, StageRun, WorkerHeartbeat, utcnow
 
 #: How often a worker beats.
@@ -50,6 +51,17 @@ def live_workers(session: Session, *, now: datetime | None = None) -> list[Worke
     """Workers that beat within :data:`DEAD_AFTER_SECONDS`."""
     cutoff = (now or utcnow()) - timedelta(seconds=DEAD_AFTER_SECONDS)
     return list(session.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.last_seen >= cutoff)))
+
+
+def inference_queue(session: Session, *, now: datetime | None = None) -> str:
+    """Where inference goes: the ``gpu`` queue while a live worker consuming it can
+    analyse, else the ``cpu`` queue while one consuming that can (a host without a GPU
+    worker), else ``gpu`` (it waits there; ``/ready`` says why)."""
+    able = [w for w in live_workers(session, now=now) if w.can_analyse]
+    queues = {q for w in able for q in (w.queues or "").split(",")}
+    if Queue.GPU.value in queues or Queue.CPU.value not in queues:
+        return Queue.GPU.value
+    return Queue.CPU.value
 
 
 def start_run(session: Session, job_id: int, stage: str, *, worker: str,

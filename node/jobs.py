@@ -156,6 +156,30 @@ def create(session: Session, study: Study) -> Job:
     return job
 
 
+def reanalyse(session: Session, study_uid: str) -> Job:
+    """A new job for a study that was analysed before (failed or not): its SR will
+    supersede the study's latest one. The scheduler's reconciler dispatches a job that was
+    never dispatched, so a caller without a broker may leave that to it.
+
+    Raises
+    ------
+    NotFound
+        No such study.
+    Conflict
+        The study has nothing to analyse, is still receiving, or a job of it is running.
+    """
+    study = session.get(Study, study_uid, with_for_update=True)
+    if study is None:
+        raise NotFound(f"study {study_uid} not found")
+    if study.state is StudyState.STORED:
+        raise Conflict(f"study {study_uid} has no ultrasound image to analyse")
+    if study.state is StudyState.RECEIVING:
+        raise Conflict(f"study {study_uid} is still receiving; it is analysed once complete")
+    if study_is_busy(session, study_uid):
+        raise Conflict(f"a job of study {study_uid} is running; try again once it reported")
+    return create(session, study)
+
+
 def dispatched(session: Session, job_id: int) -> None:
     """Count one more dispatch of the job's chain (the reconciler reads ``attempts``)."""
     job = session.get(Job, job_id)

@@ -156,7 +156,7 @@ def draw_overlays(pixels: np.ndarray, *, style: VendorStyle, info: OverlayInfo) 
     draw.polygon(tri, fill=fg)
 
     # Grey bar showing the display map.
-    lut = grey_map(style.name)
+    lut = grey_map(style)
     bh = max(16, min(r1 - r0, rows) // 4)
     bx = rx + sgn * 18 if sgn > 0 else rx - 18 - 6
     bx = int(np.clip(bx, 0, cols - 7))

@@ -177,7 +177,7 @@ class _FrameMaker:
         )
         self.show_calipers = bool(rng.random() < 0.25) and bool(anat.calipers)
         self.patient_id = f"SIM{int(rng.integers(10**6)):06d}"
-        self.lut = grey_map(style.name)
+        self.lut = grey_map(style)
         self.noise: np.ndarray | None = None
         self.prev_shift = (0, 0)
 
@@ -291,7 +291,7 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
 
 def _maker(
     view: str,
-    vendor: str,
+    vendor: str | VendorStyle,
     rng: np.random.Generator,
     size: tuple[int, int],
     nodule: str | None,
@@ -312,7 +312,7 @@ def _maker(
 def simulate_image(
     view: str,
     *,
-    vendor: str,
+    vendor: str | VendorStyle,
     rng: np.random.Generator,
     size: tuple[int, int] = (480, 640),
     nodule: str | None = None,
@@ -327,7 +327,7 @@ def simulate_image(
     view
         One of :data:`~simulator.VIEWS`.
     vendor
-        A key of :data:`~simulator.VENDOR_STYLES`.
+        A key of :data:`~simulator.VENDOR_STYLES`, or a :class:`VendorStyle` itself.
     rng
         Random generator; the same seed gives the same frame.
     size
@@ -360,7 +360,7 @@ def simulate_image(
 def simulate_loop(
     view: str,
     *,
-    vendor: str,
+    vendor: str | VendorStyle,
     rng: np.random.Generator,
     n_frames: int,
     size: tuple[int, int] = (480, 640),

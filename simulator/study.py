@@ -17,8 +17,8 @@ from simulator.dicom import (
     write_instance,
 )
 from simulator.simulate import SimFrame, simulate_image, simulate_loop
-from simulator.vendors import get_vendor
-from simulator.views import VIEWS
+from simulator.vendors import VendorStyle, get_vendor
+from simulator.views import THYROID_VIEWS, VIEWS, NoduleClass
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,8 @@ def simulate_study(
     photometric: str | None = None,
     patient_id: str | None = None,
     study_instance_uid: str | None = None,
+    image_style: str | VendorStyle | None = None,
+    nodule_weights: Sequence[float] | None = None,
 ) -> SimulatedStudy:
     """Simulate one patient's study and write it as DICOM files plus ``labels.csv``.
 
@@ -119,6 +121,13 @@ def simulate_study(
         ``MONOCHROME2``, ``RGB`` or ``YBR_FULL_422``; ``None`` follows the vendor.
     patient_id, study_instance_uid
         Override the drawn identifiers.
+    image_style
+        Vendor style the images are formed with, when it differs from ``vendor`` (whose
+        name, model and station the headers carry): a scanner whose software update changed
+        its image processing, a new probe, a gain change. ``None``: ``vendor``'s own style.
+    nodule_weights
+        Probabilities of ``none``, ``benign`` and ``malignant`` for thyroid views (a
+        population with another prevalence); ``None``: the simulator's usual mix.
 
     Returns
     -------
@@ -131,6 +140,15 @@ def simulate_study(
         For negative counts, unknown views, vendor or transfer syntax.
     """
     style = get_vendor(vendor)
+    formed = get_vendor(image_style) if image_style is not None else style
+    if nodule_weights is not None:
+        weights = np.asarray(nodule_weights, dtype=float)
+        if weights.shape != (len(NoduleClass),) or weights.min() < 0 or weights.sum() <= 0:
+            raise ValueError(
+                f"nodule_weights must be {len(NoduleClass)} non-negative numbers "
+                f"({', '.join(n.value for n in NoduleClass)}), got {nodule_weights!r}"
+            )
+        nodule_p = weights / weights.sum()
     if n_images < 0 or n_loops < 0 or frames_per_loop < 1:
         raise ValueError(
             f"need n_images >= 0, n_loops >= 0 and frames_per_loop >= 1, got "
@@ -141,7 +159,7 @@ def simulate_study(
     if bad or not view_list:
         raise ValueError(f"unknown or no views {bad!r}; expected some of {VIEWS}")
     resolve_transfer_syntax(transfer_syntax)
-    frame_size = size if size is not None else style.native_size
+    frame_size = size if size is not None else formed.native_size
     rng = np.random.default_rng(seed)
     study = new_study_context(
         rng, vendor=vendor, patient_id=patient_id, study_instance_uid=study_instance_uid
@@ -154,14 +172,22 @@ def simulate_study(
         return deterministic_uid(uid_key, *parts)
 
     jobs: list[tuple[str, int, list[SimFrame]]] = []
+    def nodule(view: str) -> str | None:
+        if nodule_weights is None or view not in THYROID_VIEWS:
+            return None
+        return str(rng.choice([n.value for n in NoduleClass], p=nodule_p))
+
     for i in range(n_images):
         view = str(rng.choice(view_list))
-        frame = simulate_image(view, vendor=vendor, rng=rng, size=frame_size)
+        frame = simulate_image(
+            view, vendor=formed, rng=rng, size=frame_size, nodule=nodule(view)
+        )
         jobs.append((f"IMG_{i + 1:04d}.dcm", 1, [frame]))
     for i in range(n_loops):
         view = str(rng.choice(view_list))
         loop = simulate_loop(
-            view, vendor=vendor, rng=rng, n_frames=frames_per_loop, size=frame_size
+            view, vendor=formed, rng=rng, n_frames=frames_per_loop, size=frame_size,
+            nodule=nodule(view),
         )
         jobs.append((f"CINE_{i + 1:04d}.dcm", 2 + i, loop))
 

@@ -281,14 +281,17 @@ TRAINING_VENDORS: tuple[str, ...] = tuple(n for n in VENDOR_STYLES if n != HELD_
 """Vendors meant for training data."""
 
 
-def get_vendor(name: str) -> VendorStyle:
-    """Return the style of vendor ``name``.
+def get_vendor(name: str | VendorStyle) -> VendorStyle:
+    """Return the style of vendor ``name`` (a style given as such is returned as it is,
+    which lets a caller simulate a modified scanner, e.g. a new probe or a gain change).
 
     Raises
     ------
     ValueError
         If ``name`` is not one of :data:`VENDOR_STYLES`.
     """
+    if isinstance(name, VendorStyle):
+        return name
     try:
         return VENDOR_STYLES[name]
     except KeyError:
@@ -298,12 +301,11 @@ def get_vendor(name: str) -> VendorStyle:
 
 
 @lru_cache(maxsize=16)
-def grey_map(name: str) -> np.ndarray:
-    """Display lookup table of a vendor: 256 entries, ``uint8`` grey or ``(256, 3)`` RGB.
+def grey_map(style: VendorStyle) -> np.ndarray:
+    """Display lookup table of a vendor style: 256 entries, ``uint8`` grey or ``(256, 3)`` RGB.
 
     The map is gamma, blended with a sigmoid contrast curve, then tinted.
     """
-    style = get_vendor(name)
     x = np.linspace(0.0, 1.0, 256)
     y = x**style.gamma
     if style.s_curve > 0:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from harness.peers import Orthanc, get_port, make_orthanc
 from node.config import Settings
@@ -26,7 +27,7 @@ def settings(tmp_path: Path) -> Settings:
         dicom_port=get_port(),
         http_port=get_port(),
         study_stable_seconds=0.5,
-        api_tokens=f"admin:{ADMIN_TOKEN},reader:{READER_TOKEN}",
+        api_tokens=SecretStr(f"admin:{ADMIN_TOKEN},reader:{READER_TOKEN}"),
     )
 
 

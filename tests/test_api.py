@@ -17,7 +17,6 @@ from node.db import (
     Database,
     Export,
     ExportState,
-    ImageResultRow,
     Job,
     JobState,
 )
@@ -126,29 +125,6 @@ def test_metrics(client: TestClient, db: Database) -> None:
     assert 'sononode_exports{state="dead"} 1.0' in text
     assert 'sononode_studies{state="receiving"} 1.0' in text
     assert "sononode_instances_received_total" in text or "sononode_store_seconds" in text
-
-
-def test_drift_by_vendor(client: TestClient, db: Database) -> None:
-    with db.session() as session:
-        job = Job(study_instance_uid="1.2.840.99.2", revision=1, state=JobState.DONE)
-        from node.db import Study
-
-        session.add(Study(study_instance_uid="1.2.840.99.2"))
-        session.add(job)
-        session.flush()
-        # Vendor A stable; vendor B's images get much brighter in the recent window.
-        for i in range(60):
-            for vendor, mean in (("A", 50.0 + (i % 5)), ("B", 50.0 + (i % 5) + (80 if i >= 30
-                                                                              else 0))):
-                session.add(ImageResultRow(job_id=job.id, sop_instance_uid=f"{vendor}{i}",
-                                           manufacturer=vendor, qc_outcome="pass",
-                                           view_label="lung", view_probability=0.9,
-                                           mean_intensity=mean, needs_review=False))
-    vendors = {v["vendor"]: v for v in client.get("/drift").json()["vendors"]}
-    assert vendors["A"]["psi"]["input_mean_intensity"] < 0.1
-    assert vendors["B"]["psi"]["input_mean_intensity"] > 0.2
-    text = client.get("/metrics").text
-    assert 'sononode_drift_psi{feature="input_mean_intensity",vendor="B"}' in text
 
 
 def test_models_lists_configured_packs(settings: Settings, db: Database, tmp_path: Path) -> None:

@@ -7,11 +7,14 @@ server error.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import pytest
 import schemathesis
 from conftest import ADMIN
 from fixtures import make_us_dataset
 from hypothesis import HealthCheck, settings
+from pydantic import SecretStr
 from schemathesis.checks import negative_data_rejection
 from test_scheduler import Recorder
 
@@ -21,14 +24,18 @@ from node.config import Settings
 from node.db import Database, open_database
 from node.index import InstanceMeta, register_instance
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from schemathesis.specs.openapi.schemas import OpenApiSchema
+
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     from harness.peers import get_port
 
     data = tmp_path_factory.mktemp("schema")
     configured = Settings(data_dir=data, dicom_port=get_port(), http_port=get_port(),
-                          api_tokens=f"admin:{ADMIN['Authorization'].split()[1]}")
+                          api_tokens=SecretStr(f"admin:{ADMIN['Authorization'].split()[1]}"))
     db: Database = open_database(configured.effective_database_url, configured.data_dir)
     ds = make_us_dataset(study_uid="1.2.840.99.30")
     register_instance(db, InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1"), path="a.dcm",
@@ -43,14 +50,14 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @pytest.fixture(scope="module")
-def api_schema(app):  # type: ignore[no-untyped-def]
+def api_schema(app: FastAPI) -> OpenApiSchema:
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
-def test_the_api_keeps_its_own_contract(case: schemathesis.Case) -> None:
+def test_the_api_keeps_its_own_contract(case: schemathesis.Case[Any]) -> None:
     # Every request carries the admin token (auth itself is tested in test_api.py), so a
     # "negative" case that only lacks the header would be judged wrongly; and FastAPI
     # ignores unknown query parameters by design. Every other check runs.

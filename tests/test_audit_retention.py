@@ -55,6 +55,19 @@ def test_api_requests_are_audited_and_only_an_admin_reads_the_trail(
     assert since.status_code == 200 and since.json()["events"]
 
 
+def test_monitoring_polls_are_not_audited_unless_refused(settings: Settings,
+                                                         db: Database) -> None:
+    app = create_app(settings, db)
+    reader = TestClient(app, headers=READER)
+    for path in ("/metrics", "/drift", "/dashboard/data"):
+        assert reader.get(path).status_code == 200, path
+    assert TestClient(app).get("/drift").status_code == 401  # no principal: nobody to name
+    assert reader.get("/drift/nobody").status_code == 404  # refused: audited
+    events = TestClient(app, headers=ADMIN).get("/audit").json()["events"]
+    routes = [e["detail"]["route"] for e in events if e["action"] == "api"]
+    assert routes == ["/drift/{vendor}"]
+
+
 def test_retention_deletes_old_pixel_data_and_keeps_the_rest(settings: Settings,
                                                              db: Database) -> None:
     old = _stored_study(db, settings, "1.2.840.99.21", age_days=40, state=StudyState.EXPORTED)
@@ -71,6 +84,7 @@ def test_retention_deletes_old_pixel_data_and_keeps_the_rest(settings: Settings,
     assert purge(db, spool, days=30).studies == 0  # done once
     with db.session() as session:
         assert session.get(Study, "1.2.840.99.21") is not None  # the results stay
-        assert session.get(PurgedStudy, "1.2.840.99.21").files == 1
+        purged = session.get(PurgedStudy, "1.2.840.99.21")
+        assert purged is not None and purged.files == 1
         (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "purged"))
         assert event.study_instance_uid == "1.2.840.99.21"

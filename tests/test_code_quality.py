@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The packages that ship, strictly typed (tests are linted, not type-checked: fixtures are
-#: loosely typed).
-TYPED = ("node", "workers", "dicom_sr", "simulator", "modelkit", "harness", "bench")
+#: Strictly typed: the packages that ship, the benchmarks and the tests.
+TYPED = ("node", "workers", "dicom_sr", "simulator", "modelkit", "harness", "bench", "tests")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

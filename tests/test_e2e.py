@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -72,7 +73,7 @@ def _simulate(out: Path, *, seed: int, n_images: int = 4, n_loops: int = 1,
     return study_uid, files
 
 
-def _srs(orthanc: Orthanc, study_uid: str) -> list[dict]:
+def _srs(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
     return [i for i in orthanc.find_instances(study_uid)
             if i["MainDicomTags"].get("SOPInstanceUID") and
             _is_sr(orthanc, i["ID"])]
@@ -83,9 +84,12 @@ def _is_sr(orthanc: Orthanc, orthanc_id: str) -> bool:
     return tags.get("Modality") == "SR"
 
 
-def _wait_srs(orthanc: Orthanc, study_uid: str, count: int) -> list[dict]:
-    return wait_for(lambda: (srs := _srs(orthanc, study_uid)) and len(srs) >= count and srs,
-                    timeout=SR_TIMEOUT, interval=0.5, what=f"{count} SR(s) in Orthanc")
+def _wait_srs(orthanc: Orthanc, study_uid: str, count: int) -> list[dict[str, Any]]:
+    def enough() -> list[dict[str, Any]] | None:
+        srs = _srs(orthanc, study_uid)
+        return srs if len(srs) >= count else None
+
+    return wait_for(enough, timeout=SR_TIMEOUT, interval=0.5, what=f"{count} SR(s) in Orthanc")
 
 
 def _check_sr(path: Path, source_files: list[Path]) -> None:
@@ -155,6 +159,16 @@ def test_study_to_sr_in_pacs(node: Node, orthanc: Orthanc, tmp_path: Path,
     assert "sononode_instances_received_total" in metrics
     assert "sononode_task_seconds_bucket" in metrics
     assert 'sononode_queue_depth{queue="gpu"}' in metrics
+    # The study's vendor has a drift stream per pack, and the gauges say the same.
+    manufacturer = str(dcmread(files[0], stop_before_pixels=True).Manufacturer)
+    vendor = " ".join(manufacturer.lower().split())
+    streams = [s for s in node.get("/drift")["streams"] if s["vendor"] == vendor]
+    assert streams and all(s["studies"] >= 1 for s in streams)
+    for stream in streams:
+        labels = (f'model="{stream["model"]}",scanner="{stream["scanner"]}",'
+                  f'vendor="{vendor}"')
+        expected = 1.0 if stream["status"] == "alert" else 0.0
+        assert f"sononode_drift_alert{{{labels}}} {expected}" in metrics
 
 
 def test_resend_is_stored_once_and_late_instance_supersedes(node: Node, orthanc: Orthanc,
@@ -186,6 +200,35 @@ def test_resend_is_stored_once_and_late_instance_supersedes(node: Node, orthanc:
     _check_sr(paths[[str(d.SOPInstanceUID) for d in map(dcmread, paths)]
                     .index(str(new.SOPInstanceUID))], files)
     assert first
+
+
+def test_reanalysis_supersedes_and_counts_once_in_drift(node: Node, orthanc: Orthanc,
+                                                        tmp_path: Path, seed_base: int) -> None:
+    study_uid, files = _simulate(tmp_path / "study", seed=seed_base + 14, n_images=2,
+                                 n_loops=0)
+    dcmsend(node.dicom_port, files)
+    _wait_srs(orthanc, study_uid, 1)
+    wait_for(lambda: node.get(f"/studies/{study_uid}")["state"] == "exported",
+             timeout=SR_TIMEOUT, what="study exported")
+    before = {(s["vendor"], s["model"]): s["studies"] for s in node.get("/drift")["streams"]}
+    response = node.post(f"/studies/{study_uid}/reanalyse")
+    assert response.status_code == 202, response.text
+    assert response.json()["dispatched"] is True
+    srs = _wait_srs(orthanc, study_uid, 2)
+    datasets = sorted((dcmread(orthanc.download(sr["ID"], tmp_path / f"sr{i}.dcm"))
+                       for i, sr in enumerate(srs)), key=lambda d: int(d.InstanceNumber))
+    old, new = datasets
+    predecessors = [ref.ReferencedSOPInstanceUID
+                    for study_ref in new.PredecessorDocumentsSequence
+                    for series in study_ref.ReferencedSeriesSequence
+                    for ref in series.ReferencedSOPSequence]
+    assert predecessors == [old.SOPInstanceUID]
+    after = {(s["vendor"], s["model"]): s["studies"] for s in node.get("/drift")["streams"]}
+    assert after == before  # the same study is not counted twice
+    # An unknown study is a 404, not a new job.
+    assert node.post("/studies/1.2.3.999/reanalyse").status_code == 404
+    events = node.get(f"/audit?study={study_uid}&action=reanalyse")["events"]
+    assert len(events) == 1
 
 
 def test_blank_study_gets_a_not_assessable_sr(node: Node, orthanc: Orthanc, tmp_path: Path,

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from fixtures import make_us_dataset, require_tools, write
@@ -229,16 +230,16 @@ def test_inflated_size_of_a_small_deflated_file(tmp_path: Path) -> None:
 class _FillsUp:
     """A file that takes ``room`` bytes and then fails with ENOSPC, as a full disk does."""
 
-    def __init__(self, handle: object, room: int) -> None:
+    def __init__(self, handle: IO[bytes], room: int) -> None:
         self._handle = handle
-        self.name = handle.name  # type: ignore[attr-defined]
+        self.name = handle.name
         self._room = room
 
     def write(self, data: bytes) -> int:
         if len(data) > self._room:
             raise OSError(28, "No space left on device")
         self._room -= len(data)
-        return self._handle.write(data)  # type: ignore[attr-defined, no-any-return]
+        return self._handle.write(data)
 
     def __getattr__(self, item: str) -> object:
         return getattr(self._handle, item)
@@ -252,7 +253,8 @@ def test_a_disk_that_fills_during_a_receive_answers_out_of_resources(
     next instance of the same association is stored once space is back."""
     import pynetdicom.dimse_messages as dimse_messages
 
-    guarded = dimse_messages.NamedTemporaryFile
+    # node.receive replaced this module-level import of pynetdicom's, which it does not export.
+    guarded = dimse_messages.NamedTemporaryFile  # type: ignore[attr-defined]
     original = guarded._original  # type: ignore[attr-defined]
     full = {"on": True}
 

@@ -218,11 +218,13 @@ def test_bench_does_not_reach_into_tests() -> None:
         text = path.read_text(encoding="utf-8")
         tree = ast.parse(text)
         for node in ast.walk(tree):
-            names: list[str] = []
+            names: list[str]
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
+            else:
+                continue
             if any(_top(n) in ("tests", "peers", "fixtures", "sr_fixtures") for n in names):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
         if "sys.path" in text:

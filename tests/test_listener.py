@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -125,7 +125,7 @@ def _not_dicom(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("make", [_corrupt, _truncated, _not_dicom],
                          ids=["corrupt", "truncated", "not_dicom"])
 def test_bad_input_gets_failure_status_and_listener_keeps_serving(
-    make, listener: Settings, db: Database, tmp_path: Path
+    make: Callable[[Path], Path], listener: Settings, db: Database, tmp_path: Path
 ) -> None:
     bad = make(tmp_path)
     status = _send(listener, bad, raw=True)
@@ -151,6 +151,7 @@ def test_non_ultrasound_refused_by_default(settings: Settings, db: Database,
                                            tmp_path: Path) -> None:
     # A secondary capture whose Modality is CT is negotiated but refused by policy.
     server = start_listener(settings, db, block=False)
+    assert server is not None
     try:
         sc = make_us_dataset(sop_class="1.2.840.10008.5.1.4.1.1.7", modality="CT")
         assert _send(settings, write(sc, tmp_path / "sc.dcm")) == StoreStatus.NOT_AUTHORISED
@@ -163,6 +164,7 @@ def test_non_ultrasound_accepted_when_configured(settings: Settings, db: Databas
                                                  tmp_path: Path) -> None:
     accepting = settings.model_copy(update={"accept_non_ultrasound": True})
     server = start_listener(accepting, db, block=False)
+    assert server is not None
     try:
         ct = make_us_dataset(sop_class=CT_IMAGE, modality="CT")
         assert _send(accepting, write(ct, tmp_path / "ct.dcm")) == StoreStatus.SUCCESS

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +29,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _edit_manifest(folder: Path, edit) -> None:  # type: ignore[no-untyped-def]
+def _edit_manifest(folder: Path, edit: Callable[[dict[str, Any]], object]) -> None:
     path = folder / "manifest.json"
     data = json.loads(path.read_text())
     edit(data)
@@ -113,8 +115,8 @@ def test_invalid_json_is_refused(pack_dir: Path, tmp_path: Path) -> None:
 def test_invalid_manifest_is_refused_with_clear_message(
     pack_dir: Path,
     tmp_path: Path,
-    edit,
-    message: str,  # type: ignore[no-untyped-def]
+    edit: Callable[[dict[str, Any]], object],
+    message: str,
 ) -> None:
     folder = _copy(pack_dir, tmp_path / "edited")
     _edit_manifest(folder, edit)

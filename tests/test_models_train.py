@@ -8,6 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from modelkit.data import (
     FrameSet,
@@ -37,8 +38,8 @@ def toy_frames(n: int = 192, seed: int = 0) -> FrameSet:
     for i, v in enumerate(view):
         images[i, 4 + 8 * v : 10 + 8 * v, :] = 220
     nodule = np.where(np.isin(view, [1, 2]), rng.integers(0, 3, n), -1)
-    for i in np.nonzero(nodule >= 0)[0]:
-        images[i, 30:40, 8 : 8 + 16 * (nodule[i] + 1)] = 255
+    for j in np.nonzero(nodule >= 0)[0]:
+        images[j, 30:40, 8 : 8 + 16 * (nodule[j] + 1)] = 255
     lung = np.full(n, -1)
     return FrameSet(
         images=torch.from_numpy(images),
@@ -105,7 +106,9 @@ def test_split_is_by_study() -> None:
 def test_avgmax_pooling_keeps_the_embedding_and_widens_the_heads() -> None:
     avg = MultiTaskMobileNet(width=0.25)
     avgmax = MultiTaskMobileNet(width=0.25, pool="avgmax")
-    assert avgmax.heads["nodule"].in_features == 2 * avg.heads["nodule"].in_features
+    avg_head, avgmax_head = avg.heads["nodule"], avgmax.heads["nodule"]
+    assert isinstance(avg_head, nn.Linear) and isinstance(avgmax_head, nn.Linear)
+    assert avgmax_head.in_features == 2 * avg_head.in_features
     out = avgmax.eval()(torch.zeros(2, 1, 64, 80))
     assert out["embedding"].shape == (2, avgmax.embedding_dim)
     with pytest.raises(ValueError, match="pool must be one of"):
@@ -123,6 +126,7 @@ def test_output_stride_16_doubles_the_last_feature_map_and_keeps_the_weights() -
     # Same layers, only a stride differs: a pack's weights load into either.
     fine.load_state_dict(coarse.state_dict())
     built = build_network("multitask_mobilenet", {"width": 0.25, "output_stride": 16})
+    assert isinstance(built, MultiTaskMobileNet)
     assert tuple(built.eval().backbone(x).shape[2:]) == (8, 10)
     with pytest.raises(ValueError, match="output_stride must be 16 or 32"):
         MultiTaskMobileNet(output_stride=8)
@@ -154,6 +158,7 @@ def test_training_frames_are_what_the_node_shows_the_network() -> None:
     served = preprocess([model_input(item, 0, Region.SCAN_REGION)], spec)[0, 0]
     assert float((ours - served).abs().max()) <= 0.5 / 255 + 1e-6
     # The crop is masked outside the sector: a bounding-box crop alone differs.
+    assert item.qc.scan_region is not None
     c0, r0, c1, r1 = item.qc.scan_region
     grey = item.instance.frames[0, r0:r1, c0:c1].astype(np.float32).mean(axis=2) / 255.0
     unmasked = preprocess([grey], spec)[0, 0]

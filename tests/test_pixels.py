@@ -14,6 +14,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import convert_color_space
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -38,7 +39,7 @@ def _dataset(sop_class: str = US_IMAGE) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -8,6 +8,7 @@ check must fire on a frame of every vendor style made to fail it.
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -17,6 +18,9 @@ from dicom_sr.model import QCOutcome
 from workers.imaging.qc import QCCode, assess_instance
 from workers.imaging.scan_region import find_scan_region
 from workers.imaging.types import DecodedInstance, InstanceQC, UltrasoundRegion
+
+if TYPE_CHECKING:
+    from simulator import SimFrame
 
 simulator = pytest.importorskip("simulator")
 
@@ -38,7 +42,7 @@ def _instance(
     return DecodedInstance.from_pixels(pixels, us_regions=regions, frame_time_ms=frame_time_ms)
 
 
-def _header(frame: simulator.SimFrame) -> tuple[UltrasoundRegion, ...]:
+def _header(frame: SimFrame) -> tuple[UltrasoundRegion, ...]:
     """The Sequence of Ultrasound Regions the simulator's DICOM writer puts in the header."""
     c0, r0, c1, r1 = frame.scan_bbox
     return (UltrasoundRegion(c0, r0, c1 - 1, r1 - 1, spatial_format=1, data_type=1),)
@@ -48,7 +52,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
-def _fired(qc: InstanceQC, frame: simulator.SimFrame | None = None) -> dict[str, str]:
+def _fired(qc: InstanceQC, frame: SimFrame | None = None) -> dict[str, str]:
     out = {c.code: c.outcome.value for c in qc.checks if c.outcome is not QCOutcome.PASS}
     if frame is not None and frame.acquisition.get("calipers_shown"):
         out.pop("annotation_over_anatomy", None)  # calipers over the anatomy: a true warning
@@ -60,7 +64,7 @@ def _outcome(qc: InstanceQC, code: QCCode) -> QCOutcome:
     return found.outcome
 
 
-def _frame(view: str, vendor: str, salt: str = "", **kwargs: object) -> simulator.SimFrame:
+def _frame(view: str, vendor: str, salt: str = "", **kwargs: object) -> SimFrame:
     seed = zlib.crc32(f"{view}/{vendor}{salt}".encode())
     return simulator.simulate_image(
         view, vendor=vendor, rng=np.random.default_rng(seed), quality=0.95, **kwargs
@@ -113,7 +117,7 @@ def test_lung_sector_through_black_pleura_and_shadows(vendor: str, pattern: str)
 # ----------------------------------------------------------------------------------
 
 
-def _probe_in_air(frame: simulator.SimFrame, rng: np.random.Generator) -> np.ndarray:
+def _probe_in_air(frame: SimFrame, rng: np.random.Generator) -> np.ndarray:
     """The vendor's screen with the probe in air: faint noise in the sector and a few
     reverberation bands below the probe face, fading with depth."""
     rgb = _rgb(frame.pixels).copy()
@@ -128,7 +132,7 @@ def _probe_in_air(frame: simulator.SimFrame, rng: np.random.Generator) -> np.nda
     return rgb
 
 
-def _inside(frame: simulator.SimFrame, values: np.ndarray) -> np.ndarray:
+def _inside(frame: SimFrame, values: np.ndarray) -> np.ndarray:
     rgb = _rgb(frame.pixels).copy()
     rgb[frame.scan_mask] = values[frame.scan_mask]
     return rgb

@@ -8,7 +8,16 @@ from fixtures import make_us_dataset
 from test_scheduler import Recorder
 
 from node import heartbeats
-from node.db import Database, Job, JobState, StageRun, Study, StudyState, utcnow
+from node.db import (
+    Database,
+    Job,
+    JobState,
+    StageRun,
+    Study,
+    StudyState,
+    WorkerHeartbeat,
+    utcnow,
+)
 from node.index import InstanceMeta, register_instance
 from node.scheduler import MAX_LOST_RUNS, recover_lost_runs
 
@@ -18,7 +27,9 @@ def _job(db: Database, state: JobState = JobState.QC_DONE) -> int:
     register_instance(db, InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1"), path="a.dcm",
                       size_bytes=10, calling_ae_title="US1")
     with db.session() as session:
-        session.get(Study, "1.2.840.99.9").state = StudyState.PROCESSING
+        study = session.get(Study, "1.2.840.99.9")
+        assert study is not None
+        study.state = StudyState.PROCESSING
         job = Job(study_instance_uid="1.2.840.99.9", revision=1, state=state, attempts=1)
         session.add(job)
         session.flush()
@@ -29,14 +40,18 @@ def _beat(db: Database, name: str, pids: list[int], *, age: float = 0.0) -> None
     with db.session() as session:
         heartbeats.beat(session, name, queues=["cpu", "gpu"], pool_pids=pids, can_analyse=True,
                         device="cpu", packs=[], problem=None)
-        session.get(heartbeats.WorkerHeartbeat, name).last_seen = utcnow() - timedelta(
-            seconds=age)
+        heartbeat = session.get(WorkerHeartbeat, name)
+        assert heartbeat is not None
+        heartbeat.last_seen = utcnow() - timedelta(seconds=age)
 
 
 def _run(db: Database, job_id: int, worker: str, pid: int, *, age: float) -> int:
     with db.session() as session:
         run_id = heartbeats.start_run(session, job_id, "sononode.infer", worker=worker, pid=pid)
-        session.get(StageRun, run_id).started_at = utcnow() - timedelta(seconds=age)
+        assert run_id is not None
+        run = session.get(StageRun, run_id)
+        assert run is not None
+        run.started_at = utcnow() - timedelta(seconds=age)
         return run_id
 
 
@@ -71,10 +86,13 @@ def test_a_lost_job_is_redispatched_at_once_and_failed_when_it_keeps_killing(
         recover_lost_runs(db, rec.dispatcher())
         with db.session() as session:
             job = session.get(Job, job_id)
+            assert job is not None
             if attempt < MAX_LOST_RUNS:
                 assert job.state is JobState.QC_DONE
                 assert rec.jobs[-1] == (job_id, JobState.QC_DONE)
             else:
+                assert job.error is not None
                 assert job.state is JobState.FAILED and "died 3 times" in job.error
-                assert session.get(Study, "1.2.840.99.9").state is StudyState.FAILED
+                study = session.get(Study, "1.2.840.99.9")
+                assert study is not None and study.state is StudyState.FAILED
     assert len(rec.jobs) == MAX_LOST_RUNS - 1

@@ -30,7 +30,9 @@ def _job(db: Database, state: JobState) -> int:
     register_instance(db, InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1"), path="a.dcm",
                       size_bytes=10, calling_ae_title="US1")
     with db.session() as session:
-        session.get(Study, "1.2.840.99.7").state = StudyState.PROCESSING
+        study = session.get(Study, "1.2.840.99.7")
+        assert study is not None
+        study.state = StudyState.PROCESSING
         job = Job(study_instance_uid="1.2.840.99.7", revision=1, state=state)
         session.add(job)
         session.flush()
@@ -50,6 +52,7 @@ def test_a_stage_for_a_failed_job_does_nothing(db: Database) -> None:
     assert tasks.infer.apply(args=(job_id,)).successful()
     with db.session() as session:
         job = session.get(Job, job_id)
+        assert job is not None
         assert job.state == JobState.FAILED and job.result is None
 
 
@@ -62,6 +65,9 @@ def test_a_permanent_error_marks_the_job_and_its_study_failed(db: Database) -> N
     assert result.failed()
     with db.session() as session:
         job = session.get(Job, job_id)
+        assert job is not None
         assert job.state == JobState.FAILED
+        assert job.error is not None
         assert "sononode.infer" in job.error and "without QC results" in job.error
-        assert session.get(Study, "1.2.840.99.7").state == StudyState.FAILED
+        study = session.get(Study, "1.2.840.99.7")
+        assert study is not None and study.state == StudyState.FAILED

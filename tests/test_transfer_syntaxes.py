@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,7 +70,9 @@ def _ultrasound_like(rows: int = 120, cols: int = 160) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def originals(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
+def originals(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, dict[str, Any]]]:
     require_tools("dcmconv", "dcmcjpeg", "dcmcjpls", "dcmcrle", "dcmsend")
     folder = tmp_path_factory.mktemp("syntaxes")
     pixels = _ultrasound_like()
@@ -107,10 +110,11 @@ def _send_only_its_syntax(settings: Settings, path: Path) -> None:
     assert status.Status == 0x0000, f"{path.name}: status 0x{status.Status:04X}"
 
 
-def test_every_syntax_received_and_decoded(originals: tuple[Path, dict], settings: Settings,
-                                           db: Database) -> None:
+def test_every_syntax_received_and_decoded(originals: tuple[Path, dict[str, Any]],
+                                           settings: Settings, db: Database) -> None:
     _, data = originals
     server = start_listener(settings, db, block=False)
+    assert server is not None
     try:
         for name, option in STORESCU_PROPOSE.items():
             sent = subprocess.run(

@@ -7,15 +7,17 @@ in are declared here once and the tasks (:mod:`workers.tasks`) register under th
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from enum import StrEnum
 
 from celery import chain
 
-from node.broker import queue_depths, redis_client_url
+from node import heartbeats
+from node.broker import Queue, queue_depths, redis_client_url
 from node.config import get_settings
-from node.db import JobState
+from node.db import Database, JobState, open_database
 from node.jobs import STAGES
 from node.scheduler import Dispatcher
 from workers.celery_app import app
@@ -48,13 +50,35 @@ NEXT_TASK: Mapping[JobState, TaskName] = {
 }
 
 
+@functools.cache
+def _index() -> Database:
+    settings = get_settings()
+    return open_database(settings.effective_database_url, settings.data_dir)
+
+
+def _inference_queue() -> str:
+    try:
+        with _index().session() as session:
+            return heartbeats.inference_queue(session)
+    except Exception:
+        logger.warning("inference queue unknown (index unavailable); using gpu", exc_info=True)
+        return Queue.GPU.value
+
+
 def dispatch_job(job_id: int, from_state: JobState = JobState.QUEUED) -> None:
-    """Send the rest of the job's chain, starting with the task that leaves ``from_state``."""
+    """Send the rest of the job's chain, starting with the task that leaves ``from_state``.
+
+    Inference goes to the queue :func:`node.heartbeats.inference_queue` names now: the GPU
+    worker's when one can analyse, else the CPU worker's.
+    """
     if from_state not in NEXT_TASK:
         return
     names = [NEXT_TASK[s] for s in STAGES[STAGES.index(from_state):] if s in NEXT_TASK]
-    chain(*(app.signature(name.value, args=(job_id,), immutable=True) for name in names)
-          ).apply_async()
+    queue = _inference_queue() if TaskName.INFER in names else Queue.GPU.value
+    chain(*(app.signature(name.value, args=(job_id,), immutable=True,
+                          **({"queue": queue, "routing_key": queue}
+                             if name is TaskName.INFER else {}))
+            for name in names)).apply_async()
 
 
 def dispatch_export(export_id: int) -> None:

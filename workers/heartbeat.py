@@ -36,11 +36,11 @@ class Capability:
 
 
 def capability(settings: Settings, queues: Sequence[str]) -> Capability:
-    """What a worker consuming ``queues`` can do with ``settings``: the inference queue, a
-    usable device and at least one model pack whose files verify."""
-    if Queue.GPU.value not in queues:
-        return Capability(False, problem="does not consume the inference queue")
-    from workers.models.packs import resolve_device  # torch: inference workers only
+    """What a worker consuming ``queues`` can do with ``settings``: a usable device and at
+    least one model pack whose files verify. A worker of the ``cpu`` queue that can
+    analyse gets the inference of a host without a GPU worker
+    (:func:`node.heartbeats.inference_queue`)."""
+    from workers.models.packs import resolve_device  # torch: only to probe the device
 
     try:
         device = str(resolve_device(settings.device))

@@ -16,6 +16,7 @@ The Celery tasks (:mod:`workers.tasks`) only pick the stage and run it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,12 +29,16 @@ from pydicom.uid import generate_uid
 
 from dicom_sr.builder import build_sr
 from dicom_sr.model import QCCheck, QCOutcome, StudyResult
-from node import jobs
+from node import drift, jobs
 from node.config import parse_destination
 from node.db import Database, ExportState, Instance, JobState
+from node.drift.monitor import StreamStatus
+from node.drift.vendors import scanner_of
 from node.index import analysed_instances
+from node.installation import installation_uid
 from node.spool import Spool, safe_component, write_durably
 from node.tls import client_context
+from workers.drift import study_signals
 from workers.export import send_file
 from workers.imaging.pixels import PixelDataError, load_instance
 from workers.imaging.qc import assess_instance, assess_study
@@ -48,7 +53,7 @@ from workers.imaging.types import (
 
 if TYPE_CHECKING:
     from node.config import Settings
-    from workers.models.inference import Analyser
+    from workers.models.inference import Analyser, Analysis
     from workers.models.packs import ModelPack
 
 logger = logging.getLogger(__name__)
@@ -120,7 +125,8 @@ class Inferred:
     job_id: int
     result: StudyResult
     vendors: Mapping[str, str]
-    """Vendor (Manufacturer) of each image, by SOP Instance UID."""
+    """Normalised vendor (:func:`node.drift.vendors.scanner_of`) of each image, by SOP
+    Instance UID: the ``vendor`` label of the metrics."""
 
 
 @dataclass(frozen=True)
@@ -263,7 +269,7 @@ def run_qc(ctx: WorkerContext, job_id: int) -> QCDone | None:
 # Inference
 # ----------------------------------------------------------------------------------------
 def analyse(study_uid: str, sources: Sequence[SourceImage], study_qc: StudyQC,
-            analyser: Analyser, *, max_frames: int) -> StudyResult:
+            analyser: Analyser, *, max_frames: int) -> Analysis:
     """Run the model packs on the frames QC found usable, with QC's scan region and mask."""
     prepared: list[PreparedInstance] = []
     for source in sources:
@@ -281,8 +287,44 @@ def analyse(study_uid: str, sources: Sequence[SourceImage], study_qc: StudyQC,
             prepared.append(PreparedInstance(source.header, record.without_frames()))
         else:
             prepared.append(PreparedInstance(decoded, record.for_instance(decoded)))
-    return analyser.analyse_study(study_uid, prepared, assessable=study_qc.assessable,
-                                  study_checks=study_qc.study_checks)
+    return analyser.analyse_study_monitored(study_uid, prepared, assessable=study_qc.assessable,
+                                            study_checks=study_qc.study_checks)
+
+
+def observe_drift(ctx: WorkerContext, analysis: Analysis, sources: Sequence[SourceImage],
+                  study_qc: StudyQC) -> list[StreamStatus]:
+    """Add the study to the drift streams of its vendors and packs; their statuses after it.
+
+    Monitoring never costs a study its report: a failure here is logged and the study goes
+    on without a drift status.
+    """
+    packs = ctx.analyser().packs
+    headers = {s.header.sop_instance_uid: s.header for s in sources}
+    stats = {uid: record.stats for uid, record in study_qc.instances.items()}
+    try:
+        streams = study_signals(analysis, packs, headers, stats)
+        with ctx.db.session() as session:
+            return [
+                drift.observe(session, signals, pack.drift,
+                              study_instance_uid=analysis.result.study_instance_uid,
+                              aliases=ctx.settings.vendor_aliases,
+                              baseline_studies=ctx.settings.drift_baseline_studies)
+                for pack, signals in streams
+            ]
+    except Exception:
+        logger.exception("drift monitoring of study %s failed; its report goes on",
+                         analysis.result.study_instance_uid)
+        return []
+
+
+def flag_drift(result: StudyResult, statuses: Sequence[StreamStatus]) -> StudyResult:
+    """The result, needing review with the reason, when a stream it belongs to is in alert."""
+    reasons = [s.review_reason() for s in statuses if s.alert]
+    if not reasons:
+        return result
+    return dataclasses.replace(
+        result, needs_review=True,
+        review_reasons=tuple(dict.fromkeys((*result.review_reasons, *reasons))))
 
 
 def run_inference(ctx: WorkerContext, job_id: int) -> Inferred | None:
@@ -297,9 +339,15 @@ def run_inference(ctx: WorkerContext, job_id: int) -> Inferred | None:
         study_qc = StudyQC.from_json(job.qc)
         study_uid = job.study_instance_uid
     sources = ctx.sources(study_uid)
-    result = analyse(study_uid, sources, study_qc, ctx.analyser(),
-                     max_frames=ctx.settings.max_frames_per_loop)
+    analysis = analyse(study_uid, sources, study_qc, ctx.analyser(),
+                       max_frames=ctx.settings.max_frames_per_loop)
+    result = flag_drift(analysis.result, observe_drift(ctx, analysis, sources, study_qc))
     vendors = {s.header.sop_instance_uid: s.vendor for s in sources}
+    # Metrics label vendors as drift streams do: normalised, the site's aliases applied.
+    labels = {s.header.sop_instance_uid: scanner_of(s.header.manufacturer,
+                                                    s.header.manufacturer_model_name,
+                                                    ctx.settings.vendor_aliases).vendor
+              for s in sources}
     stats = {uid: record.stats for uid, record in study_qc.instances.items()}
     with ctx.db.session() as session:
         if not jobs.record_result(session, job_id, result, vendors=vendors, stats=stats,
@@ -307,7 +355,7 @@ def run_inference(ctx: WorkerContext, job_id: int) -> Inferred | None:
             return None
     logger.info("job %d: inference done (%d images, needs_review=%s)", job_id,
                 len(result.images), result.needs_review)
-    return Inferred(job_id, result, vendors)
+    return Inferred(job_id, result, labels)
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,6 +384,7 @@ def run_report(ctx: WorkerContext, job_id: int) -> Reported | None:
         sop_instance_uid=sop_uid,
         instance_number=plan.instance_number,
         previous_versions=[dcmread(previous)] if previous and previous.exists() else None,
+        device_observer_uid=installation_uid(ctx.settings.data_dir),
     )
     final = ctx.settings.reports_dir / safe_component(result.study_instance_uid) / f"{sop_uid}.dcm"
     write_durably(final, lambda temp: sr.save_as(temp, enforce_file_format=True))

@@ -71,7 +71,7 @@ def record_result_metrics(result: StudyResult, vendors: Mapping[str, str]) -> No
         for classification in (image.view, image.finding):
             if classification is None:
                 continue
-            model = classification.algorithm.name
+            model = f"{classification.algorithm.name} {classification.algorithm.version}"
             PREDICTIONS.labels(
                 model=model, task=classification.task, label=classification.label,
                 vendor=vendor, abstained=str(classification.abstained).lower(),

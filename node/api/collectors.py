@@ -3,39 +3,63 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from node.broker import queue_depths
+from node import feedback
+from node.broker import Queue, ping, queue_depths
 from node.db import Database, Export, ExportState, Study, StudyState
 from node.drift import drift_metric_families
+from node.heartbeats import live_workers
 
 logger = logging.getLogger(__name__)
 
 
 class NodeCollector(Collector):
-    """Gauges computed at scrape time from the index and the broker."""
+    """Gauges computed at scrape time from the index, the heartbeats and the broker.
 
-    def __init__(self, db: Database, redis_url: str | None) -> None:
+    Besides studies and exports by state and the queue depths, it says what ``/ready``
+    says, from the same functions (``Database.ping``, ``broker.ping``,
+    ``heartbeats.live_workers``): ``sononode_workers_alive{queue}``,
+    ``sononode_workers_can_analyse``, ``sononode_readiness_check{check}`` and
+    ``sononode_ready``. Without ``spool_dir`` the spool is not probed.
+    Each family is present at every scrape, with 0 where nothing is alive, so an alert
+    on ``== 0`` fires; a failing index or broker makes the checks 0, not absent.
+    """
+
+    def __init__(self, db: Database, redis_url: str | None, *,
+                 spool_dir: Path | None = None) -> None:
         self.db = db
         self.redis_url = redis_url
+        self.spool_dir = spool_dir
 
     def collect(self) -> Iterator[Metric]:
-        studies = GaugeMetricFamily("sononode_studies", "Studies in the index by state.",
-                                    labels=["state"])
-        exports = GaugeMetricFamily("sononode_exports", "Exports in the index by state.",
-                                    labels=["state"])
+        checks: dict[str, bool] = {}
         try:
+            self.db.ping()
             with self.db.session() as session:
                 counts = dict(session.execute(
                     select(Study.state, func.count()).group_by(Study.state)).all())
                 export_counts = dict(session.execute(
                     select(Export.state, func.count()).group_by(Export.state)).all())
+                workers = live_workers(session)
+                verdicts = feedback.counts(session)
+            checks["database"] = True
+        except Exception:
+            logger.exception("metrics: index unavailable")
+            checks["database"] = False
+            counts, export_counts, workers, verdicts = {}, {}, [], []
+        if checks["database"]:
+            studies = GaugeMetricFamily("sononode_studies", "Studies in the index by state.",
+                                        labels=["state"])
+            exports = GaugeMetricFamily("sononode_exports", "Exports in the index by state.",
+                                        labels=["state"])
             for state in StudyState:
                 studies.add_metric([state.value], float(counts.get(state, 0)))
             for export_state in ExportState:
@@ -43,21 +67,79 @@ class NodeCollector(Collector):
                                    float(export_counts.get(export_state, 0)))
             yield studies
             yield exports
-        except Exception:
-            logger.exception("metrics: index unavailable")
+            yield self._feedback(verdicts)
+        alive = GaugeMetricFamily(
+            "sononode_workers_alive",
+            "Celery workers whose heartbeat is recent, by queue they consume.",
+            labels=["queue"])
+        for queue in Queue:
+            alive.add_metric([queue.value], float(sum(
+                1 for w in workers if queue.value in w.queues.split(","))))
+        yield alive
+        able = sum(1 for w in workers if w.can_analyse)
+        yield GaugeMetricFamily(
+            "sononode_workers_can_analyse",
+            "Live workers able to run inference (device and model packs usable).",
+            value=float(able))
+        checks["analysis"] = able > 0
         if self.redis_url:
-            depth = GaugeMetricFamily("sononode_queue_depth",
-                                      "Messages waiting in each Celery queue.", labels=["queue"])
             try:
-                for queue, count in queue_depths(self.redis_url).items():
-                    depth.add_metric([queue.value], float(count))
-                yield depth
+                ping(self.redis_url)
+                checks["broker"] = True
             except Exception:
-                logger.warning("metrics: broker unavailable for queue depth")
+                logger.warning("metrics: broker unavailable")
+                checks["broker"] = False
+            if checks["broker"]:
+                depth = GaugeMetricFamily("sononode_queue_depth",
+                                          "Messages waiting in each Celery queue.",
+                                          labels=["queue"])
+                try:
+                    for queue, count in queue_depths(self.redis_url).items():
+                        depth.add_metric([queue.value], float(count))
+                    yield depth
+                except Exception:
+                    logger.warning("metrics: broker unavailable for queue depth")
+        if self.spool_dir is not None:
+            checks["spool"] = self._spool_writable(self.spool_dir)
+        readiness = GaugeMetricFamily(
+            "sononode_readiness_check",
+            "1 for each readiness check of /ready that passes, 0 for one that fails.",
+            labels=["check"])
+        for name, ok in sorted(checks.items()):
+            readiness.add_metric([name], float(ok))
+        yield readiness
+        yield GaugeMetricFamily(
+            "sononode_ready",
+            "1 while the node is ready to analyse (what /ready says), else 0.",
+            value=float(all(checks.values())))
         try:
             yield from drift_metric_families(self.db)
         except Exception:
             logger.exception("metrics: drift computation failed")
+
+    @staticmethod
+    def _feedback(verdicts: list[tuple[str, str, str, str, int]]) -> CounterMetricFamily:
+        """Readers' verdicts, counted from the index (exact across restarts); agreement is
+        ``verdict="agree"`` over all of a model, head and vendor."""
+        family = CounterMetricFamily(
+            "sononode_feedback", "Readers' verdicts on AI results by model pack, head, "
+            "vendor and verdict (agree, disagree, corrected).",
+            labels=["model", "task", "vendor", "verdict"])
+        for model, task, vendor, verdict, count in verdicts:
+            family.add_metric([model, task, vendor, verdict], float(count))
+        return family
+
+    @staticmethod
+    def _spool_writable(spool: Path) -> bool:
+        """A file can be written in the spool (a full or read-only disk cannot)."""
+        try:
+            spool.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=spool, prefix=".metrics-ready-"):
+                pass
+            return True
+        except OSError:
+            logger.warning("metrics: spool %s is not writable", spool)
+            return False
 
 
 class SharedMetricsCollector(Collector):

@@ -7,6 +7,7 @@ The collaborators live on ``app.state.node`` (:class:`ApiContext`, set by
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from node import jobs
 from node.auth import Authenticator, Principal, Role
 from node.config import Settings
 from node.db import Database
@@ -88,4 +90,25 @@ ContextDep = Annotated[ApiContext, Depends(get_context)]
 ReaderDep = Annotated[Principal, Depends(get_principal)]
 AdminDep = Annotated[Principal, Depends(require_admin)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+#: ``scope="function"``: the session commits when the route function returns, before the
+#: response is sent, so a 2xx means the change is durable, and the audit middleware's own
+#: write never waits on a transaction that is still open (SQLite has one writer).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def dispatcher_of(context: ApiContext) -> Dispatcher:
+    """The context's dispatcher, or 503 for an API that cannot dispatch work."""
+    if context.dispatcher is None:
+        raise HTTPException(status_code=503, detail="this API cannot dispatch work")
+    return context.dispatcher
+
+
+@contextmanager
+def job_errors() -> Iterator[None]:
+    """The job lifecycle's refusals as HTTP errors: not found 404, conflict 409."""
+    try:
+        yield
+    except jobs.NotFound as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from exc
+    except jobs.Conflict as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from exc

@@ -87,6 +87,32 @@ def box_from_map(heat: np.ndarray, box: Box, *, fraction: float = 0.5) -> Box:
 
 
 @dataclass(frozen=True)
+class PackOutputs:
+    """What one pack made of one image, for drift monitoring (the SR reports decisions).
+
+    ``labels`` and ``confidence`` hold, per classification head that applies to the image
+    (a finding head only for the views it is for), the most probable label and its
+    calibrated probability averaged over the image's frames; ``embedding`` is the mean of
+    the frames' embeddings.
+    """
+
+    labels: dict[str, str]
+    confidence: dict[str, float]
+    ood_score: float | None
+    out_of_distribution: bool
+    embedding: np.ndarray
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A study's result and, per pack (in the analyser's order) and per image (in the
+    result's order), the pack's outputs (``None``: the pack saw no frame of it)."""
+
+    result: StudyResult
+    outputs: tuple[tuple[PackOutputs | None, ...], ...]
+
+
+@dataclass(frozen=True)
 class _Decision:
     label: str
     probability: float
@@ -153,13 +179,15 @@ class Analyser:
         label, probability = names[i], float(probs[i])
         floor = max(task.threshold, self.review_confidence)
         if label in task.abstain_labels:
-            return _Decision(label, probability, True, f"{task.name}: '{label}' is not reportable")
+            return _Decision(label, probability, True,
+                             f"{_title(task.name)}: '{label}' is not a reportable result")
         if not positive and probability < floor:
             return _Decision(
                 label,
                 probability,
                 True,
-                f"{task.name}: confidence {probability:.2f} below threshold {floor:.2f}",
+                f"{_title(task.name)} not confident: {probability:.1%} is below the "
+                f"{floor:.1%} threshold",
             )
         return _Decision(label, probability, False, None)
 
@@ -198,6 +226,19 @@ class Analyser:
         Images whose QC failed are reported without classification; the others get a view and
         (where a finding task applies to that view) a finding, each possibly abstained.
         """
+        return self.analyse_study_monitored(
+            study_uid, prepared, assessable=assessable, study_checks=study_checks
+        ).result
+
+    def analyse_study_monitored(
+        self,
+        study_uid: str,
+        prepared: Sequence[PreparedInstance],
+        *,
+        assessable: bool = True,
+        study_checks: Sequence[QCCheck] = (),
+    ) -> Analysis:
+        """:meth:`analyse_study`, with each pack's outputs for drift monitoring."""
         selected: list[list[int]] = []
         for item in prepared:
             usable = [] if item.qc.failed else list(item.qc.usable_frames)
@@ -226,7 +267,11 @@ class Analyser:
             self._image_result(item, frames, [preds[i] for preds in per_pack])
             for i, (item, frames) in enumerate(zip(prepared, selected, strict=True))
         )
-        return self._study_result(study_uid, images, assessable, study_checks)
+        outputs = tuple(
+            tuple(_outputs(pack, p) for p in preds)
+            for pack, preds in zip(self.packs, per_pack, strict=True)
+        )
+        return Analysis(self._study_result(study_uid, images, assessable, study_checks), outputs)
 
     def _image_result(
         self,
@@ -255,6 +300,7 @@ class Analyser:
         reasons: list[str] = []
         view: Classification | None = None
         located: Box | None = None
+        key_frame: int | None = None
         findings: list[Classification] = []
         quality: float | None = None
         ood_score: float | None = None
@@ -270,8 +316,8 @@ class Analyser:
                 if score > pack.manifest.ood.threshold:
                     ood = True
                     pack_ood_reason = (
-                        f"input out of distribution for {pack.name} "
-                        f"({pack.manifest.ood.method.value} score {score:.2f} > "
+                        f"input out of distribution: unlike the images {pack.name} was "
+                        f"trained on ({pack.manifest.ood.method.value} score {score:.2f}, "
                         f"threshold {pack.manifest.ood.threshold:.2f})"
                     )
                     reasons.append(pack_ood_reason)
@@ -284,6 +330,11 @@ class Analyser:
                     view = self._classification(pack, view_task, pack_view, reason=pack_ood_reason)
                     if not view.abstained:
                         located = _locate(pack, view_task, view.label, prediction, item)
+                    if inst.number_of_frames > 1 and inst.frame_indices:
+                        # The loop's frame most confident of the reported view.
+                        column = view_task.label_names.index(view.label)
+                        best = int(np.argmax(prediction.probabilities[view_task.name][:, column]))
+                        key_frame = int(inst.frame_indices[frames[best]]) + 1
             for task in pack.tasks.values():
                 if task.kind is TaskKind.REGRESSION:
                     if task.role is TaskRole.QUALITY and quality is None:
@@ -301,7 +352,8 @@ class Analyser:
                                 pack,
                                 task,
                                 decision,
-                                reason=pack_ood_reason or f"{task.name}: view uncertain",
+                                reason=pack_ood_reason
+                                or f"{_title(task.name)} not assessed: the view is uncertain",
                             )
                         )
                         continue
@@ -319,6 +371,7 @@ class Analyser:
                 reasons.append(classification.reason)
         if located is not None:
             base["region"] = located
+            base["region_localised"] = True
         return ImageResult(
             **base,  # type: ignore[arg-type]
             view=view,
@@ -326,6 +379,7 @@ class Analyser:
             quality_score=quality,
             ood_score=ood_score,
             out_of_distribution=ood,
+            key_frame=key_frame,
             needs_review=bool(reasons),
             review_reasons=tuple(reasons),
         )
@@ -376,16 +430,48 @@ class Analyser:
         )
 
 
+def _outputs(pack: ModelPack, prediction: Prediction | None) -> PackOutputs | None:
+    if prediction is None:
+        return None
+    labels: dict[str, str] = {}
+    confidence: dict[str, float] = {}
+    view_label: str | None = None
+    heads = [t for t in pack.tasks.values() if t.kind is TaskKind.CLASSIFICATION]
+    # The view first: finding heads apply to the views they are for.
+    heads.sort(key=lambda t: t.role is not TaskRole.VIEW)
+    for task in heads:
+        mean = prediction.probabilities[task.name].mean(axis=0)
+        best = int(np.argmax(mean))
+        label = task.label_names[best]
+        if task.role is TaskRole.VIEW:
+            view_label = label
+        elif task.applies_to is not None and view_label not in task.applies_to:
+            continue
+        labels[task.name] = label
+        confidence[task.name] = float(mean[best])
+    score = None if prediction.ood_score is None else float(np.mean(prediction.ood_score))
+    flagged = bool(
+        score is not None and pack.manifest.ood is not None and score > pack.manifest.ood.threshold
+    )
+    embedding = np.asarray(prediction.embedding, np.float64)
+    return PackOutputs(labels, confidence, score, flagged,
+                       embedding.reshape(embedding.shape[0], -1).mean(axis=0))
+
+
+def _title(task: str) -> str:
+    return task.replace("_", " ").capitalize()
+
+
 def _reason_kind(reason: str) -> str:
     if reason.startswith("QC failed") or reason == "no usable frame":
         return "QC"
     if "out of distribution" in reason:
         return "out of distribution"
-    if "below threshold" in reason:
+    if "not confident" in reason:
         return "low confidence"
     if "not reportable" in reason:
         return "not reportable"
-    if "view uncertain" in reason:
+    if "view is uncertain" in reason:
         return "view uncertain"
     return "other"
 

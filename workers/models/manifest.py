@@ -267,6 +267,14 @@ class LocalisationSpec:
 
 
 @dataclass(frozen=True)
+class DriftSpec:
+    """The pack's drift reference (:mod:`node.drift.reference`): a JSON file in the pack."""
+
+    reference: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class MemberSpec:
     """One weights file of the pack (several = ensemble)."""
 
@@ -289,6 +297,7 @@ class Manifest:
     simulated: bool
     raw: Mapping[str, Any] = field(repr=False)
     localisation: LocalisationSpec | None = None
+    drift: DriftSpec | None = None
     sha256: str = "0" * 64
     """sha256 of ``manifest.json`` (:func:`read_manifest` sets it; zeros for a manifest
     built in memory)."""
@@ -362,6 +371,12 @@ class Manifest:
         ood = _ood(ood_obj, tasks) if ood_obj is not None else None
         loc_obj = root.section("localisation", required=False)
         localisation = _localisation(loc_obj, tasks) if loc_obj is not None else None
+        drift_obj = root.section("drift", required=False)
+        drift = (
+            DriftSpec(reference=_relative(drift_obj, "reference"), sha256=_sha(drift_obj, "sha256"))
+            if drift_obj is not None
+            else None
+        )
         training = root.section("training_data")
         assert training is not None
         training.text("description")
@@ -385,6 +400,7 @@ class Manifest:
             simulated=simulated,
             raw=dict(data),  # type: ignore[call-overload]
             localisation=localisation,
+            drift=drift,
         )
 
 
@@ -595,6 +611,8 @@ def verify_files(folder: str | Path, manifest: Manifest) -> None:
     files = [(m.weights, m.sha256) for m in manifest.members]
     if manifest.ood is not None and manifest.ood.stats and manifest.ood.sha256:
         files.append((manifest.ood.stats, manifest.ood.sha256))
+    if manifest.drift is not None:
+        files.append((manifest.drift.reference, manifest.drift.sha256))
     for name, expected in files:
         file = root / name
         if not file.is_file():

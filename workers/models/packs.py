@@ -11,6 +11,7 @@ values, the pooled embedding and an out-of-distribution score, in batches, under
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from dicom_sr.model import AlgorithmInfo
+from node.drift.reference import Reference
 from workers.models.manifest import (
     InputSpec,
     Manifest,
@@ -62,6 +64,18 @@ class Prediction:
         return int(self.embedding.shape[0])
 
 
+def _drift_reference(folder: Path, manifest: Manifest) -> Reference | None:
+    if manifest.drift is None:
+        return None
+    try:
+        data = json.loads((folder / manifest.drift.reference).read_text())
+        return Reference.from_json(data)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PackFormatError(
+            f"model pack {folder}: drift reference {manifest.drift.reference} is invalid: {exc}"
+        ) from exc
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; anything else as given.
 
@@ -99,6 +113,7 @@ class ModelPack:
         ood: OODDetector | None = None,
         device: str | torch.device = "auto",
         sha256: str = "0" * 64,
+        drift: Reference | None = None,
     ) -> None:
         if len(networks) != len(manifest.members):
             raise ValueError(
@@ -118,6 +133,9 @@ class ModelPack:
         self.networks = [net.to(self.device).eval() for net in networks]
         self.ood = ood
         self.sha256 = sha256
+        self.drift = drift
+        """The drift reference stored in the pack (``None``: the node collects a site
+        baseline for it)."""
 
     # -- loading -----------------------------------------------------------------------
     @classmethod
@@ -171,6 +189,7 @@ class ModelPack:
             ood=ood,
             device=resolved,
             sha256=manifest.sha256,
+            drift=_drift_reference(folder, manifest),
         )
         logger.info(
             "loaded model pack %s %s (%d member(s), %s) from %s on %s",

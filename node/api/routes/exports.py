@@ -9,7 +9,15 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from sqlalchemy import select
 
 from node import jobs
-from node.api.deps import AUTH_RESPONSES, AdminDep, ContextDep, SessionDep, get_principal
+from node.api.deps import (
+    AUTH_RESPONSES,
+    AdminDep,
+    ContextDep,
+    SessionDep,
+    dispatcher_of,
+    get_principal,
+    job_errors,
+)
 from node.api.schemas import ExportList, ExportOut
 from node.db import Export, ExportState
 
@@ -43,18 +51,13 @@ def list_exports(
 def replay_export(export_id: Annotated[int, Path(ge=1, le=MAX_ID)], context: ContextDep,
                   session: SessionDep, admin: AdminDep) -> ExportOut:
     """Send a dead-lettered export again (admin)."""
-    if context.dispatcher is None:
-        raise HTTPException(status_code=503, detail="this API cannot dispatch work")
-    try:
+    dispatcher = dispatcher_of(context)
+    with job_errors():
         export = jobs.replay(session, export_id)
-    except jobs.NotFound as exc:
-        raise HTTPException(status_code=404, detail=str(exc)) from exc
-    except jobs.Conflict as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from exc
     body = ExportOut.of(export)
     session.commit()  # the row is pending before the task can run
     try:
-        context.dispatcher.export(export_id)
+        dispatcher.export(export_id)
     except Exception as exc:
         logger.exception("replay of export %d could not be dispatched", export_id)
         raise HTTPException(status_code=503, detail=f"broker unavailable: {exc}") from exc

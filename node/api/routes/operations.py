@@ -85,5 +85,6 @@ def metrics(context: ContextDep, request: Request) -> Response:
     else:
         for collector in list(REGISTRY._collector_to_names):
             registry.register(collector)
-    registry.register(NodeCollector(context.db, context.redis_url))
+    registry.register(NodeCollector(context.db, context.redis_url,
+                                    spool_dir=context.settings.spool_dir))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

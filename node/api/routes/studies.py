@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from sqlalchemy import func, select
 
-from node.api.deps import AUTH_RESPONSES, SessionDep, get_principal
-from node.api.schemas import StudyDetail, StudyList, StudySummary
-from node.db import Instance, Study, StudyState
+from node import audit, jobs
+from node.api.deps import (
+    AUTH_RESPONSES,
+    AdminDep,
+    ContextDep,
+    SessionDep,
+    dispatcher_of,
+    get_principal,
+    job_errors,
+)
+from node.api.schemas import (
+    ReanalyseOut,
+    ReanalyseRequest,
+    StudyDetail,
+    StudyList,
+    StudySummary,
+)
+from node.db import Feedback, Instance, JobState, Study, StudyState
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(get_principal)],
                    responses=AUTH_RESPONSES)
@@ -43,11 +61,45 @@ def list_studies(
 @router.get("/{study_uid}", response_model=StudyDetail,
             responses={404: {"description": "No such study"}})
 def get_study(study_uid: str, session: SessionDep) -> StudyDetail:
-    """One study: state, instances, jobs with QC and results, exports."""
+    """One study: state, instances, jobs with QC and results, exports, and readers'
+    feedback on its results."""
     study = session.get(Study, study_uid)
     if study is None:
         raise HTTPException(status_code=404, detail=f"study {study_uid} not found")
     instances = list(session.scalars(
         select(Instance).where(Instance.study_instance_uid == study_uid)
         .order_by(Instance.received_at)).all())
-    return StudyDetail.of(study, instances)
+    feedback = list(session.scalars(
+        select(Feedback).where(Feedback.study_instance_uid == study_uid)
+        .order_by(Feedback.id)).all())
+    return StudyDetail.of(study, instances, feedback)
+
+
+@router.post("/{study_uid}/reanalyse", status_code=202, response_model=ReanalyseOut,
+             responses={400: {"description": "The body is not valid JSON"},
+                        403: {"description": "Needs an admin token"},
+                        404: {"description": "No such study"},
+                        409: {"description": "Nothing to analyse, still receiving, or a job "
+                              "is running"},
+                        503: {"description": "This API cannot dispatch work"}})
+def reanalyse(study_uid: str, context: ContextDep, session: SessionDep, admin: AdminDep,
+              body: ReanalyseRequest | None = None) -> ReanalyseOut:
+    """Analyse a study again (admin), failed or not: its new SR supersedes the latest one."""
+    dispatcher = dispatcher_of(context)
+    with job_errors():
+        job = jobs.reanalyse(session, study_uid)
+    audit.record(session, f"api:admin:{admin.token_id}", audit.Action.REANALYSE,
+                 study=study_uid, detail={"job": job.id, "reason": body.reason if body else ""})
+    job_id = job.id
+    session.commit()  # the job exists before its task can run
+    sent = True
+    try:
+        dispatcher.job(job_id, JobState.QUEUED)
+        jobs.dispatched(session, job_id)
+        session.commit()
+    except Exception:
+        logger.exception("re-analysis job %d could not be dispatched; the scheduler will",
+                         job_id)
+        sent = False
+    return ReanalyseOut(study_instance_uid=study_uid, job_id=job_id, state=JobState.QUEUED,
+                        dispatched=sent)
