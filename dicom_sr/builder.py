@@ -552,7 +552,8 @@ def _probability(classification: Classification) -> Measurement:
     return measurement
 
 
-def _label_text(classification: Classification) -> str:
+def label_text(classification: Classification) -> str:
+    """A result as a reader sees it: ``"Thyroid transverse view 97.3 %"``."""
     text = f"{classification.code.meaning} {_percent(classification.probability):.1f} %"
     return text + (" (not confident)" if classification.abstained else "")
 
@@ -601,7 +602,7 @@ def _measurement_group(image: ImageResult, source: Dataset, index: int,
         qualitative_evaluations=evaluations,
     )
     content = group[0].ContentSequence
-    comment = " | ".join(_label_text(c) for c in shown)
+    comment = " | ".join(label_text(c) for c in shown)
     if not image.region_localised:
         comment += " (region: the analysed scan sector, not a lesion outline)"
     content.append(_text(codes.COMMENT, comment, _CONTAINS))
@@ -738,9 +739,9 @@ def _summary_text(result: StudyResult, previous: Sequence[Dataset]) -> str:
     if conclusion is not None and result.assessable:
         if conclusion.abstained:
             lines.append(f"AI conclusion (NOT CONFIDENT, requires review): "
-                         f"{_label_text(conclusion)}; {in_words(conclusion.reason or '')}")
+                         f"{label_text(conclusion)}; {in_words(conclusion.reason or '')}")
         else:
-            lines.append(f"AI conclusion: {_label_text(conclusion)}")
+            lines.append(f"AI conclusion: {label_text(conclusion)}")
     analysed = sum(1 for image in result.images if is_analysed(image))
     lines.append(f"{analysed} of {len(result.images)} image(s) analysed; results are "
                  "preliminary and unverified.")

@@ -25,8 +25,10 @@ _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
 _DESTINATION = re.compile(
     r"^(?P<aet>[^@]{1,16})@(?P<host>[^:?]+):(?P<port>\d{1,5})(?:\?(?P<options>[a-z&=,]*))?$"
 )
-#: Options a destination may carry after ``?``, ``&``-separated.
-DESTINATION_OPTIONS = ("tls",)
+#: Options a destination may carry after ``?``, ``&``-separated: ``tls`` (DICOM TLS) and
+#: ``summary`` (also the AI summary image and key-object selection, for viewers that do
+#: not render SR).
+DESTINATION_OPTIONS = ("tls", "summary")
 
 #: Folder of the model packs bundled with the project (``deploy/models``).
 BUNDLED_PACKS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "models"
@@ -34,20 +36,25 @@ BUNDLED_PACKS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "models"
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer the node sends its reports to (``AET@host:port[?tls]``)."""
+    """A DICOM peer the node sends its reports to (``AET@host:port[?tls][&summary]``)."""
 
     ae_title: str
     host: str
     port: int
     tls: bool = False
     """Send over DICOM TLS (``?tls``), verifying the peer (``node/tls.py``)."""
+    summary: bool = False
+    """Send the Secondary Capture AI summary and the Key Object Selection with the SR
+    (``?summary``): for viewers that do not render SR."""
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}" + ("?tls" if self.tls else "")
+        options = [name for name, on in (("tls", self.tls), ("summary", self.summary)) if on]
+        return f"{self.ae_title}@{self.host}:{self.port}" + (
+            "?" + "&".join(options) if options else "")
 
 
 def parse_destination(text: str) -> Destination:
-    """Parse ``AET@host:port[?tls]`` into a :class:`Destination`.
+    """Parse ``AET@host:port[?tls][&summary]`` into a :class:`Destination`.
 
     Raises
     ------
@@ -67,7 +74,8 @@ def parse_destination(text: str) -> Destination:
     if unknown:
         raise ValueError(f"destination {text!r}: unknown option(s) {', '.join(unknown)} "
                          f"(known: {', '.join(DESTINATION_OPTIONS)})")
-    return Destination(match["aet"].strip(), match["host"], port, tls="tls" in options)
+    return Destination(match["aet"].strip(), match["host"], port, tls="tls" in options,
+                       summary="summary" in options)
 
 
 class Settings(BaseSettings):

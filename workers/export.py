@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -38,32 +40,49 @@ def send_file(
     timeout_seconds: float = 30.0,
     tls: ssl.SSLContext | None = None,
 ) -> int:
-    """Send the DICOM file at ``path`` to ``destination`` with C-STORE.
+    """Send the DICOM file at ``path`` to ``destination`` with C-STORE: its status (see
+    :func:`send_files`)."""
+    (status,) = send_files([path], destination, calling_ae_title=calling_ae_title,
+                           timeout_seconds=timeout_seconds, tls=tls)
+    return status
+
+
+def send_files(
+    paths: Sequence[Path],
+    destination: Destination,
+    *,
+    calling_ae_title: str,
+    timeout_seconds: float = 30.0,
+    tls: ssl.SSLContext | None = None,
+) -> list[int]:
+    """Send the DICOM files at ``paths`` to ``destination`` with C-STORE, in order, in one
+    association.
 
     ``tls`` is the client context for a destination marked ``?tls``
     (:func:`node.tls.client_context`); the peer's host name is verified against it.
 
     Returns
     -------
-    int
-        The Success or Warning status the destination answered.
+    list[int]
+        The Success or Warning status the destination answered for each file.
 
     Raises
     ------
     ExportTransientError
         Association refused or aborted, no response, or an Out of Resources status.
     ExportRefusedError
-        Any other failure status, or a context the destination does not accept.
+        Any other failure status, or a SOP class the destination does not accept.
     """
-    ds = dcmread(path)
+    datasets = [dcmread(path) for path in paths]
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = timeout_seconds
     ae.dimse_timeout = timeout_seconds
     ae.network_timeout = timeout_seconds
-    ae.add_requested_context(
-        ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian]
-    )
+    for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
+        syntaxes = dict.fromkeys([*(str(ds.file_meta.TransferSyntaxUID) for ds in datasets
+                                    if str(ds.SOPClassUID) == sop_class),
+                                  ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_requested_context(sop_class, list(syntaxes))
     if destination.tls and tls is None:
         raise ExportRefusedError(f"{destination}: TLS requested but no TLS context given")
     tls_args = (tls, destination.host) if destination.tls and tls is not None else None
@@ -76,15 +95,24 @@ def send_file(
         if assoc.is_rejected:
             raise ExportTransientError(f"{destination}: association rejected")
         raise ExportTransientError(f"{destination}: cannot connect (PACS down?)")
+    codes: list[int] = []
     try:
-        if not any(cx.result == 0x00 for cx in assoc.accepted_contexts):
-            raise ExportRefusedError(f"{destination}: SOP class {ds.SOPClassUID} not accepted")
-        status = assoc.send_c_store(ds)
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts if cx.result == 0}
+        for ds in datasets:
+            if str(ds.SOPClassUID) not in accepted:
+                raise ExportRefusedError(
+                    f"{destination}: SOP class {ds.SOPClassUID} not accepted")
+            codes.append(_checked(destination, ds, assoc.send_c_store(ds)))
     except (ConnectionError, OSError, RuntimeError) as exc:
         raise ExportTransientError(f"{destination}: {exc}") from exc
     finally:
         if assoc.is_established:
             assoc.release()
+    return codes
+
+
+def _checked(destination: Destination, ds: Dataset, status: Dataset | None) -> int:
+    """The status of one C-STORE, or the error it means."""
     if not status or "Status" not in status:
         raise ExportTransientError(f"{destination}: no response to C-STORE (aborted or timed out)")
     code = int(status.Status)

@@ -6,7 +6,7 @@ Each stage (:func:`run_qc`, :func:`run_inference`, :func:`run_report`, :func:`ru
    message finds it done and does nothing) and reads what it needs from the index;
 2. calls one function with typed inputs and no database: :func:`assess` (QC),
    :func:`analyse` (the model packs), :func:`dicom_sr.builder.build_sr` (the report),
-   :func:`workers.export.send_file` (the export);
+   :func:`workers.export.send_files` (the export);
 3. records its typed output through :mod:`node.jobs` (a conditional state change: of two
    copies of a stage, one records) and writes files through :mod:`node.spool`;
 4. returns an outcome dataclass, from which :mod:`workers.signals` updates the metrics.
@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
-from dicom_sr.builder import build_sr
+from dicom_sr.builder import build_sr, is_analysed
 from dicom_sr.model import QCCheck, QCOutcome, StudyResult
+from dicom_sr.summary import build_key_objects, build_summary_image
 from node import drift, jobs
 from node.config import parse_destination
 from node.db import Database, ExportState, Instance, JobState
@@ -39,7 +41,7 @@ from node.installation import installation_uid
 from node.spool import Spool, safe_component, write_durably
 from node.tls import client_context
 from workers.drift import study_signals
-from workers.export import send_file
+from workers.export import send_files
 from workers.imaging.pixels import PixelDataError, load_instance
 from workers.imaging.qc import assess_instance, assess_study
 from workers.imaging.types import (
@@ -388,16 +390,72 @@ def run_report(ctx: WorkerContext, job_id: int) -> Reported | None:
     )
     final = ctx.settings.reports_dir / safe_component(result.study_instance_uid) / f"{sop_uid}.dcm"
     write_durably(final, lambda temp: sr.save_as(temp, enforce_file_format=True))
+    if any(d.summary for d in ctx.settings.destinations):
+        write_summary(ctx, result, sources, final, series_instance_uid=plan.series_instance_uid,
+                      instance_number=plan.instance_number)
     destinations = [str(d) for d in ctx.settings.destinations]
     with ctx.db.session() as session:
         export_ids = jobs.record_report(session, job_id, sop_instance_uid=sop_uid,
                                         sr_path=str(final.resolve()), destinations=destinations,
                                         seconds=time.perf_counter() - started)
     if export_ids is None:
-        final.unlink(missing_ok=True)  # another copy of this stage reported first
+        for path in (final, *companions(final)):  # another copy of this stage reported first
+            path.unlink(missing_ok=True)
         return None
     logger.info("job %d: SR %s written (%d destination(s))", job_id, sop_uid, len(export_ids))
     return Reported(job_id, sop_uid, result.needs_review, tuple(export_ids))
+
+
+def companions(sr_path: Path) -> tuple[Path, Path]:
+    """Where the AI summary image and the key-object selection of an SR are kept."""
+    return sr_path.with_suffix(".summary.dcm"), sr_path.with_suffix(".kos.dcm")
+
+
+def _key_frames(ctx: WorkerContext, result: StudyResult) -> dict[str, np.ndarray]:
+    """The frame each analysed image's SR region is on, decoded again."""
+    wanted = {im.sop_instance_uid: im for im in result.images if is_analysed(im)}
+    frames: dict[str, np.ndarray] = {}
+    for source in ctx.sources(result.study_instance_uid):
+        image = wanted.get(source.header.sop_instance_uid)
+        if image is None:
+            continue
+        try:
+            decoded = load_instance(source.path, max_frames=ctx.settings.max_frames_per_loop)
+        except (PixelDataError, OSError) as exc:
+            logger.warning("summary: image %s not drawn (%s)", image.sop_instance_uid, exc)
+            continue
+        index = (image.key_frame or 1) - 1
+        position = (decoded.frame_indices.index(index)
+                    if index in decoded.frame_indices else 0)
+        frames[image.sop_instance_uid] = decoded.frames[position]
+    return frames
+
+
+def write_summary(ctx: WorkerContext, result: StudyResult, sources: Sequence[Dataset],
+                  sr_path: Path, *, series_instance_uid: str, instance_number: int) -> bool:
+    """Write the AI summary image and the key-object selection beside the SR (for
+    destinations marked ``?summary``). Their series are derived from the SR's, so a
+    superseding report's land in the same series. Never costs the study its SR: a
+    failure is logged and the SR goes alone."""
+    summary_path, kos_path = companions(sr_path)
+    try:
+        summary = build_summary_image(
+            sources[0], result, _key_frames(ctx, result),
+            series_instance_uid=generate_uid(entropy_srcs=[series_instance_uid, "summary"]),
+            sop_instance_uid=generate_uid(), instance_number=instance_number)
+        write_durably(summary_path, lambda temp: summary.save_as(temp, enforce_file_format=True))
+        if any(is_analysed(im) for im in result.images):
+            kos = build_key_objects(
+                sources, result, summary,
+                series_instance_uid=generate_uid(entropy_srcs=[series_instance_uid, "kos"]),
+                sop_instance_uid=generate_uid(), instance_number=instance_number,
+                device_observer_uid=installation_uid(ctx.settings.data_dir))
+            write_durably(kos_path, lambda temp: kos.save_as(temp, enforce_file_format=True))
+    except Exception:
+        logger.exception("study %s: AI summary not written; the SR is sent alone",
+                         result.study_instance_uid)
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------
@@ -424,9 +482,12 @@ def run_export(ctx: WorkerContext, export_id: int) -> ExportOutcome | None:
             raise RuntimeError(f"export {export_id}: job {job.id} has no SR")
         sr_path = Path(job.sr_path)
         destination = parse_destination(export.destination)
-    send_file(sr_path, destination, calling_ae_title=ctx.settings.ae_title,
-              timeout_seconds=ctx.settings.network_timeout_seconds,
-              tls=client_context(ctx.settings) if destination.tls else None)
+    paths = [sr_path]
+    if destination.summary:
+        paths += [path for path in companions(sr_path) if path.exists()]
+    send_files(paths, destination, calling_ae_title=ctx.settings.ae_title,
+               timeout_seconds=ctx.settings.network_timeout_seconds,
+               tls=client_context(ctx.settings) if destination.tls else None)
     with ctx.db.session() as session:
         jobs.export_sent(session, export_id)
     return ExportOutcome(export_id, str(destination), ExportState.SENT)
