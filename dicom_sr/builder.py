@@ -806,6 +806,9 @@ def _contributing_equipment(algorithm: AlgorithmInfo) -> ContributingEquipment:
         software_versions=algorithm.version,
         contribution_description=f"AI model pack, sha256 {algorithm.sha256}",
     )
+    # highdicom accepts only CID 7005 codes, which do not hold IHE AIR's yet: replace the
+    # one item after it checked the rest.
+    equipment.PurposeOfReferenceCodeSequence = [codes.AIR_PROCESSING_ALGORITHM]
     equipment.DeviceUID = device_uid(algorithm)
     return equipment
 

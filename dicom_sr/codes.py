@@ -74,8 +74,15 @@ ALGORITHM_FAMILY = CodedConcept.from_code(codes.DCM.ArtificialIntelligence)
 """(123110, DCM, "Artificial Intelligence"): TID 4019 algorithm family."""
 
 PROCESSING_EQUIPMENT = CodedConcept.from_code(codes.DCM.ProcessingEquipment)
-"""(109102, DCM, "Processing Equipment"): Purpose of Reference of the Contributing
-Equipment item that identifies each model pack (CID 7005)."""
+"""(109102, DCM, "Processing Equipment") of CID 7005: the standard's nearest code (highdicom
+builds the Contributing Equipment item with it; :data:`AIR_PROCESSING_ALGORITHM` replaces
+it)."""
+
+AIR_PROCESSING_ALGORITHM = CodedConcept(value="Newcode1", scheme_designator="99IHE",
+                                        meaning="Processing Algorithm")
+"""IHE AI Results' Purpose of Reference of the Contributing Equipment item that identifies
+each model pack: the trial-implementation code ("Newcode1", 99IHE), as MONAI Deploy writes
+it, until DICOM assigns one (the sequence takes one item)."""
 
 MODEL_USED = _private("MODEL", "AI model used")
 """Study-level item listing one model pack (carries its TID 4019 identification)."""

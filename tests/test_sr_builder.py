@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_sr import build_sr, codes
-from dicom_sr.builder import SERIES_DESCRIPTION_SIMULATED
+from dicom_sr.builder import SERIES_DESCRIPTION_SIMULATED, in_words
 from dicom_sr.model import CodedLabel, QCOutcome, StudyResult
 
 
@@ -185,7 +185,8 @@ def test_a_qc_failed_image_is_a_study_level_statement_with_its_reasons(
 ) -> None:
     """No measurement group without a region (OHIF's loader throws on one): the image is
     'not analysed', with a reference to it and the reasons in words."""
-    sr = _build(sources, fx.qc_failed_result(sources))
+    result = fx.qc_failed_result(sources)
+    sr = _build(sources, result)
     assert len(_groups(sr)) == 2
     (item,) = _named(sr, codes.NOT_ANALYSED)
     assert item.ConceptCodeSequence[0].CodeValue == codes.NOT_ANALYSED_QC.value
@@ -193,10 +194,13 @@ def test_a_qc_failed_image_is_a_study_level_statement_with_its_reasons(
     assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
     texts = [c for c in item.ContentSequence if c.ValueType == "TEXT"]
     qc = [c for c in texts if c.ConceptNameCodeSequence[0].CodeValue == codes.QC_REASON.value]
-    assert [c.TextValue for c in qc] == ["62% of pixels saturated"]
-    (outcome,) = qc[0].ContentSequence
-    assert outcome.ConceptCodeSequence[0].CodeValue == (
-        codes.QC_OUTCOME_CODES[QCOutcome.FAIL].value)
+    checks = [c for c in result.images[0].qc_checks if c.outcome is not QCOutcome.PASS]
+    assert [c.TextValue for c in qc] == [in_words(c.message) for c in checks]  # warnings too
+    assert "62% of pixels saturated" in [c.TextValue for c in qc]
+    for item, check in zip(qc, checks, strict=True):
+        (outcome,) = item.ContentSequence
+        assert outcome.ConceptCodeSequence[0].CodeValue == (
+            codes.QC_OUTCOME_CODES[check.outcome].value)
     assert all(c.TextValue != qc[0].TextValue for c in texts if c not in qc), "said twice"
     (summary,) = _named(sr, codes.SUMMARY)
     assert "2 of 3 image(s) analysed" in summary.TextValue
@@ -400,7 +404,8 @@ def test_the_model_packs_are_contributing_equipment_with_a_device_uid(
                  if "DeviceUID" in e}  # highdicom adds itself, without one
     assert set(equipment) == {"sononode-view", "sononode-finding"}
     view = equipment["sononode-view"]
-    assert view.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    (purpose,) = view.PurposeOfReferenceCodeSequence  # IHE AIR's "Processing Algorithm"
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("Newcode1", "99IHE")
     assert view.SoftwareVersions == "1.2.0"
     assert view.DeviceUID == device_uid(fx.VIEW_ALGO) != device_uid(fx.FINDING_ALGO)
     observers = [i.UID for i in _walk(sr) if i.ValueType == "UIDREF"
