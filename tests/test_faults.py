@@ -171,6 +171,102 @@ def test_a_database_outage_loses_nothing_answered_success(
             drop_postgres(direct)
 
 
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True, check=False).stdout
+    children = [int(line) for line in out.split()]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+@pytest.mark.redis
+def test_a_broker_flush_with_messages_queued_loses_no_study(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """The worker frozen (SIGSTOP), a study's messages queued, then Redis FLUSHDB: the
+    messages are gone, the database still knows the job, and the reconciler sends it again
+    once it is stale; the study gets exactly one SR."""
+    import redis
+
+    broker = redis.Redis(host="127.0.0.1", port=6379, db=9)
+    broker.flushdb()
+    node = start_node(tmp_path / "data", destinations=orthanc.destination, extra_env={
+        "SONONODE_BROKER_URL": "redis://127.0.0.1:6379/9",
+        "SONONODE_STALE_JOB_SECONDS": "10"})
+    frozen: list[int] = []
+    try:
+        workers = wait_for(lambda: _children(node.process.pid, "worker"), timeout=60,
+                           what="the worker")
+        frozen = [*workers, *(d for w in workers for d in _descendants(w))]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        study_uid, files = _study(tmp_path / "study", seed=44, loops=0)
+        dcmsend(node.dicom_port, files)
+        wait_for(lambda: sum(int(broker.llen(q)) for q in ("cpu", "gpu")) > 0, timeout=60,
+                 interval=0.2, what="the study's messages queued")
+        broker.flushdb()
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        frozen = []
+        wait_for(lambda: _srs(orthanc, study_uid), timeout=240, what="the SR in Orthanc")
+        assert len(_srs(orthanc, study_uid)) == 1
+        db = _index(node)
+        assert _all_indexed(db, files)
+        db.dispose()
+        assert "re-dispatching stale job" in node.log()
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        node.stop()
+
+
+def test_the_listener_killed_mid_association_and_the_scheduler_killed_lose_nothing(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """kill -9 of the listener while a large loop is being received, and of the scheduler
+    three times: the supervisor restarts both, the partial file is swept, the modality
+    re-sends what was not answered Success, and the study gets exactly one SR."""
+    node = start_node(tmp_path / "data", destinations=orthanc.destination)
+    try:
+        folder = tmp_path / "study"
+        simulate_study(folder, seed=45, vendor="Northwind Medical", n_images=1, n_loops=1,
+                       frames_per_loop=240)
+        files = sorted(folder.glob("*.dcm"))
+        study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        loop = max(files, key=lambda f: f.stat().st_size)
+        incoming = node.data_dir / "incoming"
+        sender = subprocess.Popen([dcmtk("dcmsend"), "-aec", "SONONODE", "-aet", "MODALITY",
+                                   "127.0.0.1", str(node.dicom_port), str(loop)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: any(p.stat().st_size > 0 for p in incoming.glob("*")),
+                     timeout=60, interval=0.01, what="a partial file in incoming/")
+            (listener,) = _children(node.process.pid, "listener")
+            os.kill(listener, signal.SIGKILL)
+        finally:
+            sender.wait(timeout=120)
+        for _ in range(3):
+            (scheduler,) = wait_for(lambda: _children(node.process.pid, "scheduler"),
+                                    timeout=120, what="the scheduler (re)started")
+            os.kill(scheduler, signal.SIGKILL)
+
+            def restarted(old: int = scheduler) -> list[int] | None:
+                now = _children(node.process.pid, "scheduler")
+                return now if now and now != [old] else None
+
+            wait_for(restarted, timeout=120, what="the scheduler restarted")
+        wait_for(lambda: _children(node.process.pid, "listener") and _echo(node.dicom_port),
+                 timeout=120, what="the listener restarted")
+        assert not [p for p in incoming.glob("*") if p.is_file()], "a partial file was kept"
+        dcmsend(node.dicom_port, files)  # the modality re-sends
+        wait_for(lambda: _srs(orthanc, study_uid), timeout=240, what="the SR in Orthanc")
+        db = _index(node)
+        assert _all_indexed(db, files)
+        db.dispose()
+        assert len(_srs(orthanc, study_uid)) == 1
+    finally:
+        node.stop()
+
+
 def test_not_ready_while_no_worker_can_analyse(tmp_path: Path) -> None:
     """SONONODE_DEVICE=cuda on a machine without CUDA: the worker stays up but takes no
     inference work, and /ready says so (503) instead of failing studies silently."""
