@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drift-reference",
                        help="fit a pack's drift reference on simulated studies of its vendors")
     p.add_argument("pack", type=Path)
-    p.add_argument("--studies-per-vendor", type=int, default=120)
+    p.add_argument("--studies-per-vendor", type=int, default=300)
     p.add_argument("--seed", type=int, default=DRIFT_REFERENCE_SEED)
     p.add_argument("--false-alarms", type=float, default=DEFAULT_FALSE_ALARMS,
                    help="target false-alarm episodes per stream and 1000 studies")
