@@ -134,12 +134,8 @@ def cost(reference: Reference, template: StudySignals, studies: Pool, *,
         return 1000 * statistics.median(timings)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pack", type=Path, default=PACK)
-    parser.add_argument("--cache", type=Path,
-                        default=Path(tempfile.gettempdir()) / "sononode-drift")
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pools and streams' options (shared with ``bench/drift_anchors.py``)."""
     parser.add_argument("--pool-studies", type=int, default=150)
     parser.add_argument("--shift-studies", type=int, default=80)
     parser.add_argument("--shift-vendor", default=TRAINING_VENDORS[0])
@@ -147,6 +143,15 @@ def main() -> None:
     parser.add_argument("--run-length", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--max-delay", type=int, default=200)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pack", type=Path, default=PACK)
+    parser.add_argument("--cache", type=Path,
+                        default=Path(tempfile.gettempdir()) / "sononode-drift")
+    add_stream_arguments(parser)
     parser.add_argument("--history", type=int, default=5000,
                         help="studies already observed for the long-history cost")
     args = parser.parse_args()

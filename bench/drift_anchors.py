@@ -79,7 +79,7 @@ from typing import Any
 
 import numpy as np
 from _common import ROOT
-from drift import shifts
+from drift import add_stream_arguments, shifts
 
 from node.drift.reference import Projection, Reference
 from simulator.vendors import TRAINING_VENDORS
@@ -358,13 +358,7 @@ def main() -> None:
     parser.add_argument("--reference-cache", type=Path,
                         default=Path(tempfile.gettempdir()) / "drift-cache",
                         help="the reference studies the pack's drift reference was fitted on")
-    parser.add_argument("--pool-studies", type=int, default=150)
-    parser.add_argument("--shift-studies", type=int, default=80)
-    parser.add_argument("--shift-vendor", default=TRAINING_VENDORS[0])
-    parser.add_argument("--replicates", type=int, default=20)
-    parser.add_argument("--run-length", type=int, default=1000)
-    parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--max-delay", type=int, default=200)
+    add_stream_arguments(parser)
     parser.add_argument("--window", type=int, default=50, help="studies per window (chunk)")
     parser.add_argument("--cost-windows", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=[], choices=["evidently", "nannyml"])
