@@ -101,6 +101,42 @@ def test_a_pool_process_killed_mid_stage_is_recovered_within_seconds(
         node.stop()
 
 
+def test_the_worker_main_process_killed_mid_stage_is_recovered(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """kill -9 of the Celery worker's main process while one of its pool processes runs a
+    stage: the supervisor starts a new worker, the dead one's heartbeat stops and its run
+    is lost and re-dispatched; the study gets exactly one SR."""
+    node = start_node(tmp_path / "data", destinations=orthanc.destination)
+    try:
+        study_uid, files = _study(tmp_path / "study", seed=46, loops=3)
+        dcmsend(node.dicom_port, files)
+        db = _index(node)
+
+        def running_run() -> StageRun | None:
+            with db.session() as session:
+                return session.scalars(select(StageRun).where(
+                    StageRun.finished_at.is_(None))).first()
+
+        wait_for(running_run, timeout=120, interval=0.02, what="a stage running")
+        (worker,) = _children(node.process.pid, "worker")
+        orphans = _descendants(worker)
+        os.kill(worker, signal.SIGKILL)
+        for pid in orphans:  # a pool process outliving its parent is killed with it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: _srs(orthanc, study_uid), timeout=240, what="the SR in Orthanc")
+        wait_for(lambda: (c := _children(node.process.pid, "worker")) and c != [worker],
+                 timeout=120, what="a new worker")
+        assert len(_srs(orthanc, study_uid)) == 1
+        assert _all_indexed(db, files)
+        db.dispose()
+    finally:
+        node.stop()
+
+
 def test_the_listener_serves_while_another_role_keeps_crashing(
     orthanc: Orthanc, tmp_path: Path
 ) -> None:
