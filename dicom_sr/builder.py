@@ -617,6 +617,9 @@ def _measurement_group(image: ImageResult, source: Dataset, index: int,
         content.append(_text(codes.QUALITY_SCORE,
                              f"{float(image.quality_score):.2f} (0 = unusable, 1 = ideal)",
                              _CONTAINS))
+    if image.ood_score is not None:
+        # TEXT for the same reason: the detector's score of an image within distribution.
+        content.append(_text(codes.OOD_SCORE, f"{float(image.ood_score):.2f}", _CONTAINS))
     for reason in _unique(in_words(r) for r in image.review_reasons):
         content.append(_text(codes.REVIEW_REASON, reason, _CONTAINS))
     return group

@@ -162,7 +162,8 @@ NO_UNITS = CodedConcept.from_code(codes.UCUM.NoUnits)
 """(1, UCUM, "no units"): unit of unitless scores."""
 
 OOD_SCORE = _private("OODSCORE", "Out-of-distribution score")
-"""NUM child of an "Image not analysed" statement: the detector's score (unitless)."""
+"""The out-of-distribution detector's score (unitless): NUM child of an "Image not
+analysed" statement, TEXT of an analysed image's measurement group."""
 
 # Concepts of the TID 1500 / TID 1410 / TID 4019 structure itself, which highdicom writes
 # for the builder; the reader looks for them by these constants.

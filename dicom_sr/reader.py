@@ -325,6 +325,7 @@ def _analysed_image(group: Dataset) -> ImageSummary:
                  if str(_name_of(m).CodeMeaning).startswith("View:")), None)
     finding = next((m for m in measurements if m is not view), None)
     scores = _texts(group, _QUALITY_SCORE)
+    ood = _texts(group, _OOD_SCORE)
     total, used = _frames(group)
     tracking_ids = _texts(group, _TRACKING_ID)
     tracking_uids = [str(c.UID) for c in _find(group, _TRACKING_UID)]
@@ -340,7 +341,7 @@ def _analysed_image(group: Dataset) -> ImageSummary:
         qc_reasons=_qc_reasons(group, _QC_REASON),
         quality_score=float(scores[0].split()[0]) if scores else None,
         frames_total=total, frames_used=used,
-        out_of_distribution=False, ood_score=None,
+        out_of_distribution=False, ood_score=float(ood[0].split()[0]) if ood else None,
         needs_review=_REVIEW in evaluations, review_reasons=reasons,
         comment=next(iter(_texts(group, _COMMENT)), None),
     )

@@ -83,6 +83,8 @@ def assert_matches(summary: SRSummary, result: StudyResult,
             continue
         assert image.quality_score == pytest.approx(
             None if expected.quality_score is None else round(expected.quality_score, 2))
+        assert image.ood_score == pytest.approx(
+            None if expected.ood_score is None else round(expected.ood_score, 2))
         assert (image.frames_total, image.frames_used) == (
             expected.frames_total, expected.frames_used)
         assert image.region == (expected.region or (0, 0, *source_size))
