@@ -109,7 +109,7 @@ def test_the_worker_main_process_killed_mid_stage_is_recovered(
     is lost and re-dispatched; the study gets exactly one SR."""
     node = start_node(tmp_path / "data", destinations=orthanc.destination)
     try:
-        study_uid, files = _study(tmp_path / "study", seed=46, loops=3)
+        study_uid, files = _study(tmp_path / "study", seed=46, loops=1)
         dcmsend(node.dicom_port, files)
         db = _index(node)
 
