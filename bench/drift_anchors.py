@@ -44,8 +44,8 @@ and order of draws, so the very same studies), and the figures follow its defini
 Evidently's streams run its ``DriftedColumnsCount`` metric alone: it is the part of
 ``DataDriftPreset`` that decides (the same defaults; the script checks that both give the
 same count), while the preset also renders a plot per column, about 15 times slower; the
-cost of both is printed. NannyML warns that the reference makes too few chunks (120
-studies: 3 chunks of 50, 50 and 20 studies): its thresholds come from those 3 values.
+cost of both is printed. NannyML warns when the reference makes few chunks (a reference
+of 300 studies per vendor makes 6 chunks of 50): its thresholds come from those values.
 Its usage telemetry is turned off (``NML_DISABLE_USAGE_LOGGING``); nothing else is set.
 
 The libraries are not project dependencies: run in a separate virtual environment (pandas
@@ -81,7 +81,7 @@ import numpy as np
 from _common import ROOT
 from drift import add_stream_arguments, shifts
 
-from node.drift.reference import Projection, Reference
+from node.drift.reference import POOLED, Projection, Reference
 from simulator.vendors import TRAINING_VENDORS
 
 PACK = ROOT / "deploy" / "models" / "sononode-us-sim"
@@ -374,8 +374,10 @@ def main() -> None:
     print(f"pandas {pd.__version__}, numpy {np.__version__}")
 
     reference = Reference.from_json(json.loads((args.pack / "drift_reference.json").read_text()))
+    # The studies the pack's reference was fitted on: as many per vendor as its groups hold.
+    per_vendor = max(g.studies for key, g in reference.groups.items() if key != POOLED)
     ref_studies = {v: reference_studies(_only(args.reference_cache,
-                                              f"reference-*-{_slug(v)}-*.jsonl"),
+                                              f"reference-*-{_slug(v)}-*-{per_vendor}.jsonl"),
                                         reference.projection)
                    for v in TRAINING_VENDORS}
     columns = columns_of([s for studies in ref_studies.values() for s in studies])
