@@ -68,6 +68,16 @@ def _all_indexed(db: Database, files: list[Path]) -> bool:
     return found == uids
 
 
+def _a_running_stage(db: Database) -> StageRun:
+    """Wait until a stage is running (a stage_runs row not finished); that row."""
+    def running() -> StageRun | None:
+        with db.session() as session:
+            return session.scalars(select(StageRun).where(
+                StageRun.finished_at.is_(None))).first()
+
+    return wait_for(running, timeout=120, interval=0.02, what="a stage running")
+
+
 def test_a_pool_process_killed_mid_stage_is_recovered_within_seconds(
     orthanc: Orthanc, tmp_path: Path
 ) -> None:
@@ -76,13 +86,7 @@ def test_a_pool_process_killed_mid_stage_is_recovered_within_seconds(
         study_uid, files = _study(tmp_path / "study", seed=41, loops=3)
         dcmsend(node.dicom_port, files)
         db = _index(node)
-
-        def running_run() -> StageRun | None:
-            with db.session() as session:
-                return session.scalars(select(StageRun).where(
-                    StageRun.finished_at.is_(None))).first()
-
-        run = wait_for(running_run, timeout=120, interval=0.02, what="a stage running")
+        run = _a_running_stage(db)
         os.kill(run.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_for(lambda: _srs(orthanc, study_uid), timeout=180, what="the SR in Orthanc")
@@ -112,13 +116,7 @@ def test_the_worker_main_process_killed_mid_stage_is_recovered(
         study_uid, files = _study(tmp_path / "study", seed=46, loops=1)
         dcmsend(node.dicom_port, files)
         db = _index(node)
-
-        def running_run() -> StageRun | None:
-            with db.session() as session:
-                return session.scalars(select(StageRun).where(
-                    StageRun.finished_at.is_(None))).first()
-
-        wait_for(running_run, timeout=120, interval=0.02, what="a stage running")
+        _a_running_stage(db)
         (worker,) = _children(node.process.pid, "worker")
         orphans = _descendants(worker)
         os.kill(worker, signal.SIGKILL)
