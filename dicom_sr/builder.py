@@ -215,7 +215,7 @@ def build_sr(
             f"{instance_number} and {series_number}"
         )
 
-    algorithms = _all_algorithms(result)
+    algorithms = all_algorithms(result)
     simulated = any(a.simulated_training_data for a in algorithms)
 
     observer_uid = device_observer_uid or generate_uid(
@@ -428,7 +428,7 @@ def _validate_previous_versions(
 # --------------------------------------------------------------------------------------
 # Content
 # --------------------------------------------------------------------------------------
-def _all_algorithms(result: StudyResult) -> list[AlgorithmInfo]:
+def all_algorithms(result: StudyResult) -> list[AlgorithmInfo]:
     """Algorithms of the result, then any only named by a classification, in order."""
     found: list[AlgorithmInfo] = list(dict.fromkeys(result.algorithms))
     classifications: list[Classification | None] = [result.conclusion]

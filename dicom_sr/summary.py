@@ -26,7 +26,13 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_sr.builder import DEFAULT_DEVICE_OBSERVER_NAME, in_words, is_analysed, label_text
+from dicom_sr.builder import (
+    DEFAULT_DEVICE_OBSERVER_NAME,
+    all_algorithms,
+    in_words,
+    is_analysed,
+    label_text,
+)
 from dicom_sr.model import ImageResult, QCOutcome, StudyResult
 
 SUMMARY_SERIES_NUMBER = 9002
@@ -50,7 +56,8 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def _simulated(result: StudyResult) -> bool:
-    return any(a.simulated_training_data for a in result.algorithms)
+    """The SR's rule: any algorithm of the result (or of one of its classifications)."""
+    return any(a.simulated_training_data for a in all_algorithms(result))
 
 
 def _caption(image: ImageResult, number: int) -> list[str]:
@@ -92,7 +99,7 @@ def render_summary(result: StudyResult, frames: Mapping[str, np.ndarray],
     banner = ["AI RESULT - NOT A DIAGNOSIS - REQUIRES REVIEW BY A RADIOLOGIST"]
     if _simulated(result):
         banner.append("MODELS TRAINED ON SIMULATED IMAGES - NOT FOR CLINICAL USE")
-    packs = ", ".join(f"{a.name} {a.version}" for a in result.algorithms)
+    packs = ", ".join(f"{a.name} {a.version}" for a in all_algorithms(result))
     banner.append(f"sononode, {packs}, {when:%Y-%m-%d %H:%M} UTC")
     if not result.assessable:
         study = ["Study not assessable by the AI:"]
