@@ -13,6 +13,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from node.db import Database, Job, JobState, Study, StudyState
+from node.index import InstanceMeta, register_instance
+
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -47,6 +50,21 @@ def make_us_dataset(*, study_uid: str | None = None, sop_class: str = US_IMAGE,
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return ds
+
+
+def make_job(db: Database, state: JobState, *, study_uid: str) -> int:
+    """A study of one indexed instance, processing, with one job in ``state``: its id."""
+    ds = make_us_dataset(study_uid=study_uid)
+    register_instance(db, InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1"), path="a.dcm",
+                      size_bytes=10, calling_ae_title="US1")
+    with db.session() as session:
+        study = session.get(Study, study_uid)
+        assert study is not None
+        study.state = StudyState.PROCESSING
+        job = Job(study_instance_uid=study_uid, revision=1, state=state)
+        session.add(job)
+        session.flush()
+        return job.id
 
 
 def write(ds: Dataset, path: Path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from fixtures import make_us_dataset
+from fixtures import make_job
 from test_scheduler import Recorder
 
 from node import heartbeats
@@ -18,22 +18,11 @@ from node.db import (
     WorkerHeartbeat,
     utcnow,
 )
-from node.index import InstanceMeta, register_instance
 from node.scheduler import MAX_LOST_RUNS, recover_lost_runs
 
 
 def _job(db: Database, state: JobState = JobState.QC_DONE) -> int:
-    ds = make_us_dataset(study_uid="1.2.840.99.9")
-    register_instance(db, InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1"), path="a.dcm",
-                      size_bytes=10, calling_ae_title="US1")
-    with db.session() as session:
-        study = session.get(Study, "1.2.840.99.9")
-        assert study is not None
-        study.state = StudyState.PROCESSING
-        job = Job(study_instance_uid="1.2.840.99.9", revision=1, state=state, attempts=1)
-        session.add(job)
-        session.flush()
-        return job.id
+    return make_job(db, state, study_uid="1.2.840.99.9")
 
 
 def _beat(db: Database, name: str, pids: list[int], *, age: float = 0.0) -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from fixtures import make_us_dataset
+from fixtures import make_job
 
 from node.config import Settings
 from node.db import Database, Job, JobState, Study, StudyState
-from node.index import InstanceMeta, register_instance
 from node.spool import Spool
 from workers import pipeline, tasks
 
@@ -26,17 +25,7 @@ def worker(settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _job(db: Database, state: JobState) -> int:
-    ds = make_us_dataset(study_uid="1.2.840.99.7")
-    register_instance(db, InstanceMeta.from_dataset(ds, "1.2.840.10008.1.2.1"), path="a.dcm",
-                      size_bytes=10, calling_ae_title="US1")
-    with db.session() as session:
-        study = session.get(Study, "1.2.840.99.7")
-        assert study is not None
-        study.state = StudyState.PROCESSING
-        job = Job(study_instance_uid="1.2.840.99.7", revision=1, state=state)
-        session.add(job)
-        session.flush()
-        return job.id
+    return make_job(db, state, study_uid="1.2.840.99.7")
 
 
 @pytest.mark.usefixtures("worker")
