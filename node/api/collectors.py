@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,10 +12,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from node import feedback
-from node.broker import Queue, ping, queue_depths
+from node.broker import Queue, queue_depths
 from node.db import Database, Export, ExportState, Study, StudyState
 from node.drift import drift_metric_families
-from node.heartbeats import live_workers
+from node.readiness import OK, assess
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +24,8 @@ class NodeCollector(Collector):
     """Gauges computed at scrape time from the index, the heartbeats and the broker.
 
     Besides studies and exports by state and the queue depths, it says what ``/ready``
-    says, from the same functions (``Database.ping``, ``broker.ping``,
-    ``heartbeats.live_workers``): ``sononode_workers_alive{queue}``,
+    says, from the same assessment (:func:`node.readiness.assess`):
+    ``sononode_workers_alive{queue}``,
     ``sononode_workers_can_analyse``, ``sononode_readiness_check{check}`` and
     ``sononode_ready``. Without ``spool_dir`` the spool is not probed.
     Each family is present at every scrape, with 0 where nothing is alive, so an alert
@@ -40,21 +39,23 @@ class NodeCollector(Collector):
         self.spool_dir = spool_dir
 
     def collect(self) -> Iterator[Metric]:
-        checks: dict[str, bool] = {}
-        try:
-            self.db.ping()
-            with self.db.session() as session:
-                counts = dict(session.execute(
-                    select(Study.state, func.count()).group_by(Study.state)).all())
-                export_counts = dict(session.execute(
-                    select(Export.state, func.count()).group_by(Export.state)).all())
-                workers = live_workers(session)
-                verdicts = feedback.counts(session)
-            checks["database"] = True
-        except Exception:
-            logger.exception("metrics: index unavailable")
-            checks["database"] = False
-            counts, export_counts, workers, verdicts = {}, {}, [], []
+        assessment = assess(self.db, redis_url=self.redis_url, spool=self.spool_dir)
+        checks = {name: outcome == OK for name, outcome in assessment.checks.items()}
+        workers = assessment.workers
+        counts: dict[StudyState, int] = {}
+        export_counts: dict[ExportState, int] = {}
+        verdicts: list[tuple[str, str, str, str, int]] = []
+        if checks["database"]:
+            try:
+                with self.db.session() as session:
+                    counts = dict(session.execute(
+                        select(Study.state, func.count()).group_by(Study.state)).all())
+                    export_counts = dict(session.execute(
+                        select(Export.state, func.count()).group_by(Export.state)).all())
+                    verdicts = feedback.counts(session)
+            except Exception:
+                logger.exception("metrics: index unavailable")
+                checks["database"] = False
         if checks["database"]:
             studies = GaugeMetricFamily("sononode_studies", "Studies in the index by state.",
                                         labels=["state"])
@@ -76,31 +77,20 @@ class NodeCollector(Collector):
             alive.add_metric([queue.value], float(sum(
                 1 for w in workers if queue.value in w.queues.split(","))))
         yield alive
-        able = sum(1 for w in workers if w.can_analyse)
         yield GaugeMetricFamily(
             "sononode_workers_can_analyse",
             "Live workers able to run inference (device and model packs usable).",
-            value=float(able))
-        checks["analysis"] = able > 0
-        if self.redis_url:
+            value=float(sum(1 for w in workers if w.can_analyse)))
+        if self.redis_url and checks["broker"]:
+            depth = GaugeMetricFamily("sononode_queue_depth",
+                                      "Messages waiting in each Celery queue.",
+                                      labels=["queue"])
             try:
-                ping(self.redis_url)
-                checks["broker"] = True
+                for queue, count in queue_depths(self.redis_url).items():
+                    depth.add_metric([queue.value], float(count))
+                yield depth
             except Exception:
-                logger.warning("metrics: broker unavailable")
-                checks["broker"] = False
-            if checks["broker"]:
-                depth = GaugeMetricFamily("sononode_queue_depth",
-                                          "Messages waiting in each Celery queue.",
-                                          labels=["queue"])
-                try:
-                    for queue, count in queue_depths(self.redis_url).items():
-                        depth.add_metric([queue.value], float(count))
-                    yield depth
-                except Exception:
-                    logger.warning("metrics: broker unavailable for queue depth")
-        if self.spool_dir is not None:
-            checks["spool"] = self._spool_writable(self.spool_dir)
+                logger.warning("metrics: broker unavailable for queue depth")
         readiness = GaugeMetricFamily(
             "sononode_readiness_check",
             "1 for each readiness check of /ready that passes, 0 for one that fails.",
@@ -128,18 +118,6 @@ class NodeCollector(Collector):
         for model, task, vendor, verdict, count in verdicts:
             family.add_metric([model, task, vendor, verdict], float(count))
         return family
-
-    @staticmethod
-    def _spool_writable(spool: Path) -> bool:
-        """A file can be written in the spool (a full or read-only disk cannot)."""
-        try:
-            spool.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=spool, prefix=".metrics-ready-"):
-                pass
-            return True
-        except OSError:
-            logger.warning("metrics: spool %s is not writable", spool)
-            return False
 
 
 class SharedMetricsCollector(Collector):

@@ -9,7 +9,6 @@ that SQLite and PostgreSQL both run.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from dicom_sr.model import QCOutcome
 from node.api.deps import AUTH_RESPONSES, ContextDep, SessionDep, get_principal
-from node.api.routes.operations import ready
 from node.api.routes.pages import PAGE_HEADERS, STATIC_DIR
 from node.api.schemas import (
     BucketSize,
@@ -40,7 +38,7 @@ from node.api.schemas import (
     WorkerOut,
 )
 from node.db import Export, ExportState, ImageResultRow, Job, utcnow
-from node.heartbeats import live_workers
+from node.readiness import assess
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +83,9 @@ def dashboard_data(request: Request, context: ContextDep, session: SessionDep,
     streams = vendor_streams(session, vendors, since=starts[0], size=size,
                              thresholds=ood_thresholds(context.models()))
     seen = {s.vendor for s in streams}
-    # What /ready answers, from the same function.
-    readiness = Readiness.model_validate(json.loads(bytes(ready(context).body)))
+    # What /ready answers, from the same assessment.
+    assessment = assess(context.db, redis_url=context.redis_url,
+                        spool=context.settings.spool_dir)
     return DashboardData(
         node=context.settings.ae_title,
         version=request.app.version,
@@ -98,9 +97,9 @@ def dashboard_data(request: Request, context: ContextDep, session: SessionDep,
         streams=streams,
         vendors_without_images=[v for v in vendors if v not in seen],
         exports=export_backlog(session, now=now),
-        readiness=readiness,
+        readiness=Readiness(ready=assessment.ready, checks=assessment.checks),
         workers=[WorkerOut.model_validate(w) for w in
-                 sorted(live_workers(session), key=lambda w: w.name)],
+                 sorted(assessment.workers, key=lambda w: w.name)],
     )
 
 

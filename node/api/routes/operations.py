@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
@@ -11,8 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from node.api.collectors import NodeCollector, SharedMetricsCollector
 from node.api.deps import ContextDep
 from node.api.schemas import Health, Readiness
-from node.broker import ping
-from node.heartbeats import live_workers
+from node.readiness import assess
 
 router = APIRouter(tags=["operations"])
 
@@ -28,40 +25,9 @@ def health() -> Health:
 def ready(context: ContextDep) -> Response:
     """Readiness: database, broker and spool reachable, and a live worker able to analyse
     (its device and model packs usable)."""
-    checks: dict[str, str] = {}
-    try:
-        context.db.ping()
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"error: {exc}"
-    if context.redis_url:
-        try:
-            ping(context.redis_url)
-            checks["broker"] = "ok"
-        except Exception as exc:
-            checks["broker"] = f"error: {exc}"
-    try:
-        with context.db.session() as session:
-            workers = live_workers(session)
-        able = [w for w in workers if w.can_analyse]
-        if able:
-            checks["analysis"] = "ok"
-        else:
-            problems = sorted({f"{w.name}: {w.problem}" for w in workers if w.problem})
-            checks["analysis"] = "error: no live worker can analyse" + (
-                f" ({'; '.join(problems)})" if problems else " (no worker is running)")
-    except Exception as exc:
-        checks["analysis"] = f"error: {type(exc).__name__}"
-    spool = context.settings.spool_dir
-    try:
-        spool.mkdir(parents=True, exist_ok=True)
-        probe = spool / f".ready-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-        checks["spool"] = "ok"
-    except OSError as exc:
-        checks["spool"] = f"error: {exc}"
-    body = Readiness(ready=all(v == "ok" for v in checks.values()), checks=checks)
+    assessment = assess(context.db, redis_url=context.redis_url,
+                        spool=context.settings.spool_dir)
+    body = Readiness(ready=assessment.ready, checks=assessment.checks)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
