@@ -140,7 +140,10 @@ def test_study_to_sr_in_pacs(node: Node, orthanc: Orthanc, tmp_path: Path,
     assert ds.SeriesInstanceUID not in {
         str(dcmread(f, stop_before_pixels=True).SeriesInstanceUID) for f in files}
     _check_sr(sr_path, files)
-    # The API tells the same story.
+    # The API tells the same story (the export task records the SR as sent a moment after
+    # the PACS answered).
+    wait_for(lambda: node.get(f"/studies/{study_uid}")["state"] == "exported", timeout=30,
+             what="the study exported")
     study = node.get(f"/studies/{study_uid}")
     assert study["state"] == "exported"
     assert study["jobs"][-1]["exports"][0]["state"] == "sent"

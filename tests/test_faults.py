@@ -96,8 +96,14 @@ def test_a_pool_process_killed_mid_stage_is_recovered_within_seconds(
         with db.session() as session:
             lost = session.scalars(select(StageRun).where(StageRun.lost.is_(True))).all()
             assert [r.pid for r in lost] == [run.pid]
-            study = session.get(Study, study_uid)
-            assert study is not None and study.state.value == "exported"
+
+        def state() -> str | None:
+            with db.session() as session:
+                study = session.get(Study, study_uid)
+                return study.state.value if study is not None else None
+
+        # The PACS has the SR a moment before the export task records it as sent.
+        wait_for(lambda: state() == "exported", timeout=30, what="the study exported")
         assert len(_srs(orthanc, study_uid)) == 1
         assert _all_indexed(db, files)
         db.dispose()
