@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dicom_sr.codes import PRIVATE_SCHEME
 from modelkit.pack_writer import write_pack
 from workers.imaging.pixels import PixelDataError, load_instance, sample_frames
 from workers.imaging.qc import assess_instance
@@ -467,9 +466,9 @@ def pack_manifest(
                     {
                         "name": label.value,
                         "code": {
-                            "value": LABEL_CODES[label][0],
-                            "scheme": PRIVATE_SCHEME,
-                            "meaning": LABEL_CODES[label][1],
+                            "value": LABEL_CODES[label].value,
+                            "scheme": LABEL_CODES[label].scheme,
+                            "meaning": LABEL_CODES[label].meaning,
                         },
                         "severity": 0,
                     }

@@ -12,11 +12,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydicom.sr.codedict import codes
 from torch import nn
 from tqdm import tqdm
 
@@ -42,6 +43,9 @@ from workers.models.ood import MahalanobisScorer, OODDetector
 from workers.models.packs import ModelPack, softmax
 from workers.models.preprocess import normalise
 
+if TYPE_CHECKING:
+    from pydicom.sr.coding import Code
+
 logger = logging.getLogger(__name__)
 
 #: Default network input (height, width) of the multi-task packs.
@@ -60,12 +64,22 @@ LOSS_WEIGHTS: Mapping[str, float] = {
     "quality": 2.0,
 }
 
+#: Labels with a standard concept (DICOM PS3.16, through pydicom's dictionary), which the
+#: manifest codes them with. The others keep private codes ``<prefix><index>`` from
+#: :data:`_MEANINGS`, because no standard concept means the same (docs/MODEL_PACK.md,
+#: "Codes", says why for each): the views are an organ seen in a scan orientation (SCT has
+#: the organ and the orientation, not the view), the nodule classes are appearances, not
+#: diagnoses, and the lung patterns (A-lines, B-lines, consolidation) have none. A private
+#: value whose label gained a standard code is retired, never reused: ``V004``.
+_STANDARD_CODES: Mapping[str, Mapping[str, Code]] = {
+    "view": {"cardiac_4ch": codes.CID12226.ApicalFourChamber},  # (399214001, SCT)
+}
+
 _MEANINGS = {
     "view": {
         "abdomen": "Abdominal ultrasound view",
         "thyroid_transverse": "Thyroid transverse view",
         "thyroid_longitudinal": "Thyroid longitudinal view",
-        "cardiac_4ch": "Apical four-chamber view",
         "lung": "Lung ultrasound view",
     },
     "nodule": {
@@ -294,15 +308,20 @@ def default_input_spec() -> InputSpec:
     )
 
 
+def _code(task: str, index: int, name: str) -> dict[str, str]:
+    standard = _STANDARD_CODES.get(task, {}).get(name)
+    if standard is not None:
+        return {"value": standard.value, "scheme": standard.scheme_designator,
+                "meaning": standard.meaning}
+    return {"value": f"{_CODE_PREFIX[task]}{index + 1:03d}", "scheme": PRIVATE_SCHEME,
+            "meaning": _MEANINGS[task][name]}
+
+
 def _labels(task: str, names: Sequence[str]) -> list[dict[str, Any]]:
     return [
         {
             "name": name,
-            "code": {
-                "value": f"{_CODE_PREFIX[task]}{i + 1:03d}",
-                "scheme": PRIVATE_SCHEME,
-                "meaning": _MEANINGS[task][name],
-            },
+            "code": _code(task, i, name),
             "severity": _SEVERITY.get(task, {}).get(name, 0),
         }
         for i, name in enumerate(names)
@@ -564,7 +583,8 @@ REFERENCE_TRAIN_STUDIES = 900
 #: 600 fresh studies gave 0.67, i.e. most of that gap was sampling error.
 REFERENCE_CALIBRATION_STUDIES = 400
 REFERENCE_TEST_STUDIES = 500
-REFERENCE_VERSION = "1.3.0"
+#: 1.3.1: the weights of 1.3.0, the apical four-chamber view coded with SNOMED CT.
+REFERENCE_VERSION = "1.3.1"
 #: View mix of the reference pack's training data (order of ``VIEW_LABELS``): 70 % thyroid
 #: frames, because the nodule head learns only from them and needs by far the most gradient
 #: steps; the other views are learnt from a few hundred frames each.

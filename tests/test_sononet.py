@@ -364,7 +364,7 @@ def test_analyser_reports_and_localises_example_planes(
         EXPECTED.items(), prepared, result.images, strict=True
     ):
         assert image.view is not None and image.view.label == expected, name
-        assert image.view.code.value == LABEL_CODES[SonoNetLabel(expected)][0]
+        assert image.view.code == LABEL_CODES[SonoNetLabel(expected)]
         assert not image.view.abstained and not image.needs_review, image.review_reasons
         assert image.ood_score is not None and image.ood_score < pack.manifest.ood.threshold
         assert item.qc.scan_region is not None and image.region is not None

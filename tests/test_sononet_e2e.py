@@ -207,11 +207,12 @@ def test_example_planes_come_back_in_the_sr(
     for name, path in files.items():
         source = dcmread(path, stop_before_pixels=True)
         image = summary.images[str(source.SOPInstanceUID)]
-        value, meaning = LABEL_CODES[SonoNetLabel(EXPECTED[name])]
+        expected = LABEL_CODES[SonoNetLabel(EXPECTED[name])]
         view = image.view
         assert view is not None and not view.abstained, f"{name}: view withheld ({view})"
         assert view.code is not None
-        assert (view.code.value, view.code.meaning) == (value, meaning), name
+        assert (view.code.value, view.code.scheme, view.code.meaning) == (
+            expected.value, expected.scheme, expected.meaning), name
         assert view.probability is not None and view.probability > 0.5, name
         # The class map localises the plane inside the ultrasound image, not the whole frame.
         assert image.region is not None, name

@@ -17,10 +17,18 @@ from __future__ import annotations
 
 import logging
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from pydicom.sr.codedict import codes
 from torch import nn
+
+from dicom_sr.codes import PRIVATE_SCHEME
+from dicom_sr.model import CodedLabel
+
+if TYPE_CHECKING:
+    from pydicom.sr.coding import Code
 
 logger = logging.getLogger(__name__)
 
@@ -89,22 +97,40 @@ SONONET_LABELS: tuple[str, ...] = tuple(label.value for label in SonoNetLabel)
 #: The label the node never reports (no standard plane in the frame).
 ABSTAIN_LABEL = SonoNetLabel.BACKGROUND.value
 
-#: Private code (value <= 16 characters, DICOM SH) and meaning of each label.
-LABEL_CODES: dict[SonoNetLabel, tuple[str, str]] = {
-    SonoNetLabel.THREE_VESSEL: ("SN16-3VV", "Fetal three-vessel view"),
-    SonoNetLabel.FOUR_CHAMBER: ("SN16-4CH", "Fetal four-chamber heart view"),
-    SonoNetLabel.ABDOMINAL: ("SN16-ABDOMINAL", "Fetal abdominal circumference plane"),
-    SonoNetLabel.BACKGROUND: ("SN16-BACKGROUND", "No fetal standard plane"),
-    SonoNetLabel.BRAIN_CB: ("SN16-BRAIN-CB", "Fetal transcerebellar brain plane"),
-    SonoNetLabel.BRAIN_TV: ("SN16-BRAIN-TV", "Fetal transventricular brain plane"),
-    SonoNetLabel.FEMUR: ("SN16-FEMUR", "Fetal femur plane"),
-    SonoNetLabel.KIDNEYS: ("SN16-KIDNEYS", "Fetal kidneys plane"),
-    SonoNetLabel.LIPS: ("SN16-LIPS", "Fetal lips coronal view"),
-    SonoNetLabel.LVOT: ("SN16-LVOT", "Fetal left ventricular outflow tract view"),
-    SonoNetLabel.PROFILE: ("SN16-PROFILE", "Fetal mid-sagittal profile view"),
-    SonoNetLabel.RVOT: ("SN16-RVOT", "Fetal right ventricular outflow tract view"),
-    SonoNetLabel.SPINE_CORONAL: ("SN16-SPINE-COR", "Fetal spine coronal plane"),
-    SonoNetLabel.SPINE_SAGITTAL: ("SN16-SPINE-SAG", "Fetal spine sagittal plane"),
+def _private(value: str, meaning: str) -> CodedLabel:
+    return CodedLabel(value, PRIVATE_SCHEME, meaning)
+
+
+def _standard(code: Code) -> CodedLabel:
+    return CodedLabel(code.value, code.scheme_designator, code.meaning)
+
+
+#: DICOM code of each label. A plane with a standard *view* concept (PS3.16, through
+#: pydicom's dictionary) has it; the others keep a private code (value <= 16 characters,
+#: DICOM SH): SNOMED CT has anatomic sites (femur, kidney, lip...) and LOINC fetal biometry
+#: measurements for them, but no view or plane concept, and a site is not a view.
+#: Retired private codes, never to be reused: ``SN16-4CH``, ``SN16-RVOT``.
+LABEL_CODES: dict[SonoNetLabel, CodedLabel] = {
+    SonoNetLabel.THREE_VESSEL: _private("SN16-3VV", "Fetal three-vessel view"),
+    # (399214001, SCT): CID 12226 "Echocardiography Image View" calls it "Apical four
+    # chamber"; the fetal four-chamber plane is not always apical, so the meaning is that of
+    # CID 6 "Transducer Orientation" and CID 501 "Volumetric View Description".
+    SonoNetLabel.FOUR_CHAMBER: _standard(codes.CID501.FourChamber),
+    SonoNetLabel.ABDOMINAL: _private("SN16-ABDOMINAL", "Fetal abdominal circumference plane"),
+    SonoNetLabel.BACKGROUND: _private("SN16-BACKGROUND", "No fetal standard plane"),
+    SonoNetLabel.BRAIN_CB: _private("SN16-BRAIN-CB", "Fetal transcerebellar brain plane"),
+    SonoNetLabel.BRAIN_TV: _private("SN16-BRAIN-TV", "Fetal transventricular brain plane"),
+    SonoNetLabel.FEMUR: _private("SN16-FEMUR", "Fetal femur plane"),
+    SonoNetLabel.KIDNEYS: _private("SN16-KIDNEYS", "Fetal kidneys plane"),
+    SonoNetLabel.LIPS: _private("SN16-LIPS", "Fetal lips coronal view"),
+    # No LVOT view in SCT or DCM: "Apical long axis" and "Five chamber" show the outflow
+    # tract but are other planes.
+    SonoNetLabel.LVOT: _private("SN16-LVOT", "Fetal left ventricular outflow tract view"),
+    SonoNetLabel.PROFILE: _private("SN16-PROFILE", "Fetal mid-sagittal profile view"),
+    # (399195005, SCT) of CID 12226 "Echocardiography Image View".
+    SonoNetLabel.RVOT: _standard(codes.CID12226.RightVentricularOutflowTractView),
+    SonoNetLabel.SPINE_CORONAL: _private("SN16-SPINE-COR", "Fetal spine coronal plane"),
+    SonoNetLabel.SPINE_SAGITTAL: _private("SN16-SPINE-SAG", "Fetal spine sagittal plane"),
 }
 
 
