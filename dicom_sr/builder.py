@@ -32,6 +32,7 @@ reader finds every group, its measurements and their TID 4019 algorithm; text re
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -78,6 +79,7 @@ from dicom_sr import codes
 from dicom_sr.model import (
     AlgorithmInfo,
     Classification,
+    CodedLabel,
     ImageResult,
     QCCheck,
     QCOutcome,
@@ -860,3 +862,36 @@ def _valid_value(source: Dataset, keyword: str) -> object:
                        source.get("SOPInstanceUID"), keyword, type(exc).__name__)
         return ""
     return value if value is not None else ""
+
+
+def warm_up() -> None:
+    """Build and discard an SR for a one-image study, with no patient in it.
+
+    The first SR a process builds costs about half a second more than the next ones
+    (pydicom's and highdicom's dictionaries and caches filled on first use); a worker
+    process calls this once at start, as it loads its models, so that the first study it
+    reports is not the slow one.
+    """
+    from pydicom.uid import UID
+
+    source = Dataset()
+    source.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.6.1")  # Ultrasound Image Storage
+    source.SOPInstanceUID = generate_uid()
+    source.StudyInstanceUID = generate_uid()
+    source.SeriesInstanceUID = generate_uid()
+    source.Modality = "US"
+    algorithm = AlgorithmInfo(name="warm-up", version="0", sha256="0" * 64)
+    label = CodedLabel("WARMUP", codes.PRIVATE_SCHEME, "Warm-up")
+    view = Classification(task="view", label="warm_up", code=label, probability=0.5,
+                          algorithm=algorithm, threshold=0.6, abstained=True,
+                          reason="warm-up")
+    result = StudyResult(
+        study_instance_uid=source.StudyInstanceUID,
+        images=(ImageResult(sop_instance_uid=source.SOPInstanceUID,
+                            sop_class_uid=source.SOPClassUID, qc_outcome=QCOutcome.PASS,
+                            frames_used=1, view=view, region=(0, 0, 8, 8),
+                            needs_review=True, review_reasons=("warm-up",)),),
+        algorithms=(algorithm,), needs_review=True, review_reasons=("warm-up",))
+    sr = build_sr([source], result, series_instance_uid=generate_uid(),
+                  sop_instance_uid=generate_uid())
+    sr.save_as(io.BytesIO(), enforce_file_format=True)

@@ -64,6 +64,16 @@ def inference_queue(session: Session, *, now: datetime | None = None) -> str:
     return Queue.CPU.value
 
 
+def qc_with_inference(session: Session, queue: str, *, now: datetime | None = None) -> bool:
+    """Whether every live worker that can analyse from ``queue`` also serves the CPU queue,
+    so that QC and inference can run as one task there (each image decoded once). False
+    when none can, or when a worker of that queue serves inference alone (a GPU host
+    beside CPU hosts: QC stays on the CPU hosts)."""
+    serving = [set((w.queues or "").split(",")) for w in live_workers(session, now=now)
+               if w.can_analyse and queue in (w.queues or "").split(",")]
+    return bool(serving) and all(Queue.CPU.value in queues for queues in serving)
+
+
 def start_run(session: Session, job_id: int, stage: str, *, worker: str,
               pid: int) -> int | None:
     """Record that a pool process started a stage of a job; the run's id (``None``: no

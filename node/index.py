@@ -6,9 +6,11 @@ import logging
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import cast
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import Connection, Insert, Table, bindparam, case, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -131,10 +133,22 @@ def analysed_instances(session: Session, study_uid: str) -> list[Instance]:
     return [row for row in rows if is_analysed(row.sop_class_uid, row.modality)]
 
 
+_INSTANCES = cast(Table, Instance.__table__)
+_STUDIES = cast(Table, Study.__table__)
+
+
+_IS_INDEXED = select(_INSTANCES.c.sop_instance_uid).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("b_sop"))
+
+
+def _indexed(conn: Connection, sop_instance_uid: str) -> bool:
+    return conn.execute(_IS_INDEXED, {"b_sop": sop_instance_uid}).first() is not None
+
+
 def is_indexed(db: Database, sop_instance_uid: str) -> bool:
     """True when the instance is already in the index."""
-    with db.session() as session:
-        return session.get(Instance, sop_instance_uid) is not None
+    with db.engine.connect() as conn:
+        return _indexed(conn, sop_instance_uid)
 
 
 def register_instance(
@@ -144,8 +158,9 @@ def register_instance(
 
     A new image bumps the study's revision and ``last_received_at``; the scheduler
     starts (or restarts) analysis once the study has been stable long enough.
-    Two associations creating the same new study at once collide on the study row;
-    the loser retries, so neither instance is lost.
+    The study row is created if missing (two associations creating it at once do not
+    collide); two copies of one instance arriving at once collide on the instance row, and
+    the loser finds it indexed (stored once).
     """
     for attempt in range(3):
         try:
@@ -156,10 +171,33 @@ def register_instance(
                 logger.info("instance %s indexed concurrently; keeping one copy",
                             meta.sop_instance_uid)
                 return RegisterOutcome.DUPLICATE
-            logger.info("study %s created concurrently; retrying (%d)",
-                        meta.study_instance_uid, attempt + 1)
+            logger.info("index write of %s collided with another; retrying (%d)",
+                        meta.sop_instance_uid, attempt + 1)
     return _register(db, meta, path=path, size_bytes=size_bytes,
                      calling_ae_title=calling_ae_title)
+
+
+def _study_insert(dialect: str) -> Insert:
+    module = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(_STUDIES).on_conflict_do_nothing(
+        index_elements=[_STUDIES.c.study_instance_uid])
+
+
+# Built once: this runs for every received instance, and building statements (let alone
+# ORM objects and their unit of work) cost more CPU than the rest of the C-STORE handler
+# (bench/receive.py).
+_STUDY_INSERTS = {name: _study_insert(name) for name in ("sqlite", "postgresql")}
+_STUDY_RECEIVED = update(_STUDIES).where(
+    _STUDIES.c.study_instance_uid == bindparam("b_study")).values(
+    # An SQL increment, not a Python read-modify-write: concurrent associations must not
+    # lose revisions (a lost one could skip a re-analysis).
+    revision=_STUDIES.c.revision + 1,
+    last_received_at=bindparam("b_now"),
+    updated_at=bindparam("b_now"),
+    state=case((_STUDIES.c.state == StudyState.PROCESSING, StudyState.PROCESSING),
+               else_=StudyState.RECEIVING),
+)
+_INSTANCE_INSERT = insert(_INSTANCES)
 
 
 def _register(
@@ -167,54 +205,44 @@ def _register(
 ) -> RegisterOutcome:
     now = utcnow()
     analysed = is_analysed(meta.sop_class_uid, meta.modality)
-    with db.session() as session:
-        if session.get(Instance, meta.sop_instance_uid) is not None:
+    with db.engine.begin() as conn:
+        if _indexed(conn, meta.sop_instance_uid):
             return RegisterOutcome.DUPLICATE
-        study = session.get(Study, meta.study_instance_uid, with_for_update=True)
-        if study is None:
-            study = Study(
-                study_instance_uid=meta.study_instance_uid,
-                patient_id=meta.patient_id,
-                accession_number=meta.accession_number,
-                study_date=meta.study_date,
-                study_description=meta.study_description,
-                state=StudyState.RECEIVING if analysed else StudyState.STORED,
-                revision=0,
-                analysed_revision=0,
-                first_received_at=now,
-                last_received_at=now,
-            )
-            session.add(study)
-            session.flush()  # a concurrent creation fails here, before the instance
+        conn.execute(_STUDY_INSERTS.get(conn.dialect.name, _STUDY_INSERTS["sqlite"]), {
+            "study_instance_uid": meta.study_instance_uid,
+            "patient_id": meta.patient_id,
+            "accession_number": meta.accession_number,
+            "study_date": meta.study_date,
+            "study_description": meta.study_description,
+            "state": StudyState.RECEIVING if analysed else StudyState.STORED,
+            "revision": 0,
+            "analysed_revision": 0,
+            "first_received_at": now,
+            "last_received_at": now,
+            "updated_at": now,
+        })
         if analysed:
-            # Only images start (re-)analysis: documents and the node's own SRs
-            # echoed back by a PACS must not.
-            # An SQL increment, not a Python read-modify-write: concurrent associations
-            # must not lose revisions (a lost one could skip a re-analysis).
-            study.revision = Study.revision + 1
-            study.last_received_at = now
-            if study.state != StudyState.PROCESSING:
-                study.state = StudyState.RECEIVING
-        session.add(
-            Instance(
-                sop_instance_uid=meta.sop_instance_uid,
-                study_instance_uid=meta.study_instance_uid,
-                series_instance_uid=meta.series_instance_uid,
-                sop_class_uid=meta.sop_class_uid,
-                transfer_syntax_uid=meta.transfer_syntax_uid,
-                modality=meta.modality,
-                manufacturer=meta.manufacturer,
-                manufacturer_model_name=meta.manufacturer_model_name,
-                number_of_frames=meta.number_of_frames,
-                rows=meta.rows,
-                columns=meta.columns,
-                photometric_interpretation=meta.photometric_interpretation,
-                series_number=meta.series_number,
-                instance_number=meta.instance_number,
-                path=path,
-                size_bytes=size_bytes,
-                calling_ae_title=calling_ae_title,
-                received_at=now,
-            )
-        )
+            # Only images start (re-)analysis: documents and the node's own SRs echoed back
+            # by a PACS must not.
+            conn.execute(_STUDY_RECEIVED, {"b_study": meta.study_instance_uid, "b_now": now})
+        conn.execute(_INSTANCE_INSERT, {
+            "sop_instance_uid": meta.sop_instance_uid,
+            "study_instance_uid": meta.study_instance_uid,
+            "series_instance_uid": meta.series_instance_uid,
+            "sop_class_uid": meta.sop_class_uid,
+            "transfer_syntax_uid": meta.transfer_syntax_uid,
+            "modality": meta.modality,
+            "manufacturer": meta.manufacturer,
+            "manufacturer_model_name": meta.manufacturer_model_name,
+            "number_of_frames": meta.number_of_frames,
+            "rows": meta.rows,
+            "columns": meta.columns,
+            "photometric_interpretation": meta.photometric_interpretation,
+            "series_number": meta.series_number,
+            "instance_number": meta.instance_number,
+            "path": path,
+            "size_bytes": size_bytes,
+            "calling_ae_title": calling_ae_title,
+            "received_at": now,
+        })
     return RegisterOutcome.NEW

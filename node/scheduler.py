@@ -2,7 +2,10 @@
 
 A study is complete when no image arrived for ``study_stable_seconds``; each
 completion creates a job row *before* its chain is sent to the broker, so the database
-always knows about the work. The reconciler re-dispatches jobs and exports whose row
+always knows about the work. The loop sleeps until the next study's stable moment (at most
+``scheduler_interval_seconds``, and half the stable time so that it learns of a new study
+before that study is stable), so a study is started the moment it becomes complete, not up
+to one polling interval later. The reconciler re-dispatches jobs and exports whose row
 has not moved for ``stale_job_seconds`` (a lost broker message, a worker killed
 mid-task), so losing the broker never loses a study.
 """
@@ -29,6 +32,9 @@ MAX_JOB_ATTEMPTS = 5
 #: A job whose worker process died this many times is failed (a study that crashes the
 #: decoder or the models must not take down worker after worker).
 MAX_LOST_RUNS = 3
+#: Added to the wait for a stable moment, so that the pass it wakes finds the study stable
+#: (the database's clock and this process's timer round differently).
+_CLOCK_SLACK_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,24 @@ def start_complete_studies(db: Database, dispatcher: Dispatcher, *, stable_secon
         _dispatch_job(db, dispatcher, job_id, JobState.QUEUED)
         STUDIES_COMPLETED.inc()
     return len(created)
+
+
+def seconds_to_next_completion(db: Database, *, stable_seconds: float) -> float | None:
+    """Seconds until the earliest study still receiving becomes stable, ``None`` if none is.
+
+    A study that is stable but waits for its running job is not counted: it is started when
+    that job has reported, which the next regular pass finds.
+    """
+    with db.session() as session:
+        latest = session.scalars(
+            select(Study.last_received_at).where(
+                Study.revision > Study.analysed_revision,
+                Study.last_received_at > utcnow() - timedelta(seconds=stable_seconds),
+            ).order_by(Study.last_received_at).limit(1)
+        ).first()
+    if latest is None:
+        return None
+    return max(0.0, (latest + timedelta(seconds=stable_seconds) - utcnow()).total_seconds())
 
 
 def _dispatch_job(db: Database, dispatcher: Dispatcher, job_id: int, state: JobState) -> None:
@@ -171,26 +195,38 @@ def run_scheduler(
     stop: threading.Event | None = None,
     retention: Callable[[], object] | None = None,
 ) -> None:
-    """Loop until ``stop`` is set: start complete studies every interval, recover lost runs
-    every 5, reconcile every 10, and run ``retention`` (if any) once an hour."""
+    """Loop until ``stop`` is set: start complete studies at each study's stable moment (and
+    at least every interval), recover lost runs every 5 passes of an interval, reconcile every
+    10, and run ``retention`` (if any) once an hour."""
     stop = stop or threading.Event()
     passes = 0
     next_retention = time.monotonic()
+    next_pass = time.monotonic()
     logger.info("scheduler: stable after %.1f s, stale after %.0f s", stable_seconds,
                 stale_seconds)
     while not stop.is_set():
+        periodic = time.monotonic() >= next_pass
+        if periodic:
+            next_pass = time.monotonic() + interval_seconds
         try:
             start_complete_studies(db, dispatcher, stable_seconds=stable_seconds)
-            if passes % 5 == 0:
-                recover_lost_runs(db, dispatcher)
-            if retention is not None and time.monotonic() >= next_retention:
-                next_retention = time.monotonic() + 3600
-                retention()
-            if passes % 10 == 0:
-                reconcile(db, dispatcher, stale_seconds=stale_seconds,
-                          export_grace_seconds=export_grace_seconds)
+            if periodic:
+                if passes % 5 == 0:
+                    recover_lost_runs(db, dispatcher)
+                if retention is not None and time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + 3600
+                    retention()
+                if passes % 10 == 0:
+                    reconcile(db, dispatcher, stale_seconds=stale_seconds,
+                              export_grace_seconds=export_grace_seconds)
+                passes += 1
+            due = seconds_to_next_completion(db, stable_seconds=stable_seconds)
         except Exception:
             # The database may be briefly unavailable; the next pass tries again.
             logger.exception("scheduler pass failed")
-        passes += 1
-        stop.wait(interval_seconds)
+            due = None
+        # A study first seen within half its stable time is still started on the moment.
+        wait = min(max(0.0, next_pass - time.monotonic()), stable_seconds / 2 or interval_seconds)
+        if due is not None:
+            wait = min(wait, due + _CLOCK_SLACK_SECONDS)
+        stop.wait(wait)

@@ -48,12 +48,10 @@ def test_gpu_queue_when_nobody_can_analyse(db: Database) -> None:
     assert _queue(db) == "gpu"
 
 
-@pytest.mark.parametrize("able", [["cpu"], ["cpu", "gpu"]])
-def test_the_inference_task_is_routed_to_the_chosen_queue(db: Database, able: list[str],
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          ) -> None:
-    """The job's chain as dispatched, resolved by Celery's own router (task_routes send
-    inference to ``gpu`` by default; the chain's option must win)."""
+def _dispatched(db: Database, monkeypatch: pytest.MonkeyPatch,
+                state: str = "queued") -> dict[str, dict[str, object]]:
+    """The job's chain as dispatched, each task resolved by Celery's own router (task_routes
+    send inference to ``gpu`` by default; the chain's option must win)."""
     from node.db import JobState
     from workers import dispatch
     from workers.celery_app import app
@@ -69,11 +67,39 @@ def test_the_inference_task_is_routed_to_the_chosen_queue(db: Database, able: li
 
     monkeypatch.setattr(dispatch, "_index", lambda: db)
     monkeypatch.setattr(dispatch, "chain", Chain)
+    dispatch.dispatch_job(7, JobState(state))
+    return {sig.task: app.amqp.router.route(dict(sig.options), sig.task)  # type: ignore[attr-defined]
+            for sig in sent}
+
+
+@pytest.mark.parametrize("able", [["cpu"], ["cpu", "gpu"]])
+def test_one_host_runs_qc_and_inference_as_one_task(db: Database, able: list[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker serving both queues (``sononode up``) gets QC and inference as one task, on
+    the inference queue; the report follows and sends the exports itself."""
     _beat(db, "host:1", able, can=True)
-    dispatch.dispatch_job(7, JobState.QUEUED)
-    routes = {sig.task: app.amqp.router.route(dict(sig.options), sig.task)  # type: ignore[attr-defined]
-              for sig in sent}
+    routes = _dispatched(db, monkeypatch)
+    assert list(routes) == ["sononode.analyse", "sononode.report"]
     expected = "gpu" if "gpu" in able else "cpu"
-    assert routes["sononode.infer"]["queue"].name == expected
-    assert routes["sononode.infer"]["routing_key"] == expected
-    assert routes["sononode.qc"]["queue"].name == "cpu"
+    assert routes["sononode.analyse"]["queue"].name == expected  # type: ignore[attr-defined]
+    assert routes["sononode.analyse"]["routing_key"] == expected
+    assert routes["sononode.report"]["queue"].name == "cpu"  # type: ignore[attr-defined]
+
+
+def test_a_gpu_host_beside_cpu_hosts_gets_inference_alone(db: Database,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          ) -> None:
+    _beat(db, "cpu-host:1", ["cpu"], can=True)
+    _beat(db, "gpu-host:1", ["gpu"], can=True)
+    routes = _dispatched(db, monkeypatch)
+    assert list(routes) == ["sononode.qc", "sononode.infer", "sononode.report"]
+    assert routes["sononode.qc"]["queue"].name == "cpu"  # type: ignore[attr-defined]
+    assert routes["sononode.infer"]["queue"].name == "gpu"  # type: ignore[attr-defined]
+    assert routes["sononode.infer"]["routing_key"] == "gpu"
+
+
+def test_resumed_jobs_get_the_rest_of_their_chain(db: Database,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _beat(db, "host:1", ["cpu", "gpu"], can=True)
+    assert list(_dispatched(db, monkeypatch, "qc_done")) == ["sononode.infer", "sononode.report"]
+    assert list(_dispatched(db, monkeypatch, "reported")) == ["sononode.export_all"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -10,7 +12,14 @@ from fixtures import make_us_dataset
 
 from node.db import Database, Export, ExportState, Job, JobState, Study, StudyState, utcnow
 from node.index import InstanceMeta, register_instance
-from node.scheduler import MAX_JOB_ATTEMPTS, Dispatcher, reconcile, start_complete_studies
+from node.scheduler import (
+    MAX_JOB_ATTEMPTS,
+    Dispatcher,
+    reconcile,
+    run_scheduler,
+    seconds_to_next_completion,
+    start_complete_studies,
+)
 
 
 @dataclass
@@ -139,3 +148,40 @@ def test_documents_do_not_trigger_analysis(db: Database, sop_class: str) -> None
         study = session.get(Study, "1.2.9")
         assert study is not None and study.revision == 0
     assert start_complete_studies(db, rec.dispatcher(), stable_seconds=0) == 0
+
+
+def test_next_completion_is_the_earliest_stable_moment(db: Database) -> None:
+    assert seconds_to_next_completion(db, stable_seconds=10) is None
+    _receive(db, "1.2.20", seed=1, age=3)
+    _receive(db, "1.2.21", seed=2, age=1)
+    due = seconds_to_next_completion(db, stable_seconds=10)
+    assert due is not None and 6.5 < due <= 7.0
+    _receive(db, "1.2.22", seed=3, age=60)  # stable already: started by a pass, not waited for
+    due = seconds_to_next_completion(db, stable_seconds=10)
+    assert due is not None and 6.5 < due <= 7.0
+
+
+def test_running_scheduler_starts_a_study_at_its_stable_moment(db: Database) -> None:
+    """With a long interval the loop still wakes for the study's stable moment."""
+    started = threading.Event()
+    dispatched_at: list[float] = []
+
+    def job(job_id: int, state: str) -> None:
+        dispatched_at.append(time.monotonic())
+        started.set()
+
+    stop = threading.Event()
+    loop = threading.Thread(target=run_scheduler, args=(db, Dispatcher(job=job, export=print)),
+                            kwargs={"stable_seconds": 1.0, "interval_seconds": 30.0,
+                                    "stale_seconds": 900, "export_grace_seconds": 60,
+                                    "stop": stop}, daemon=True)
+    loop.start()
+    try:
+        _receive(db, "1.2.30", seed=1, age=0)
+        received = time.monotonic()
+        assert started.wait(timeout=20), "the study was not started before the interval ended"
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    # Not before it was stable; well before the 30 s interval would have come round.
+    assert dispatched_at[0] - received >= 0.9

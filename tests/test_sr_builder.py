@@ -431,3 +431,11 @@ def test_every_concept_is_in_the_docs_table() -> None:
         if name.isupper() and isinstance(value, CodedConcept):
             assert f"| `{name}` | `{value.value}` | {value.scheme_designator} | " \
                    f"{value.meaning} |" in table, name
+
+
+def test_warm_up_builds_a_report_without_a_patient() -> None:
+    """The worker's warm-up goes through the whole builder and writer (it must not raise on
+    a header that has no patient module)."""
+    from dicom_sr.builder import warm_up
+
+    warm_up()

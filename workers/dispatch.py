@@ -32,10 +32,15 @@ class TaskName(StrEnum):
     """Quality control of every image of the study (CPU queue)."""
     INFER = "sononode.infer"
     """Model inference on the usable frames (GPU queue)."""
+    ANALYSE = "sononode.analyse"
+    """QC and inference in one task, on the inference queue where its workers also serve the
+    CPU queue (``sononode up``, a single host): each image decoded once, no hop between."""
     REPORT = "sononode.report"
-    """Build and store the SR, create the exports (CPU queue)."""
+    """Build and store the SR, create the exports and send one export task for each
+    (CPU queue)."""
     EXPORT_ALL = "sononode.export_all"
-    """Fan out one export per destination still to serve (CPU queue)."""
+    """Send one export task per destination still to serve (CPU queue): a job resumed
+    from ``reported``."""
     EXPORT = "sononode.export"
     """C-STORE one SR to one destination, with retries (CPU queue)."""
 
@@ -56,28 +61,39 @@ def _index() -> Database:
     return open_database(settings.effective_database_url, settings.data_dir)
 
 
-def _inference_queue() -> str:
+def _inference_route() -> tuple[str, bool]:
+    """The inference queue, and whether QC can run with inference on it (see
+    :func:`node.heartbeats.qc_with_inference`)."""
     try:
         with _index().session() as session:
-            return heartbeats.inference_queue(session)
+            queue = heartbeats.inference_queue(session)
+            return queue, heartbeats.qc_with_inference(session, queue)
     except Exception:
         logger.warning("inference queue unknown (index unavailable); using gpu", exc_info=True)
-        return Queue.GPU.value
+        return Queue.GPU.value, False
 
 
 def dispatch_job(job_id: int, from_state: JobState = JobState.QUEUED) -> None:
     """Send the rest of the job's chain, starting with the task that leaves ``from_state``.
 
     Inference goes to the queue :func:`node.heartbeats.inference_queue` names now: the GPU
-    worker's when one can analyse, else the CPU worker's.
+    worker's when one can analyse, else the CPU worker's. Where the workers of that queue
+    also serve the CPU queue, QC and inference run there as one task
+    (:data:`TaskName.ANALYSE`). The report task sends the exports itself, so the
+    chain ends with it; a job resumed from ``reported`` gets the export fan-out alone.
     """
     if from_state not in NEXT_TASK:
         return
     names = [NEXT_TASK[s] for s in STAGES[STAGES.index(from_state):] if s in NEXT_TASK]
-    queue = _inference_queue() if TaskName.INFER in names else Queue.GPU.value
+    if TaskName.REPORT in names:
+        names.remove(TaskName.EXPORT_ALL)
+    queue, together = (_inference_route() if TaskName.INFER in names
+                       else (Queue.GPU.value, False))
+    if together and names[:2] == [TaskName.QC, TaskName.INFER]:
+        names[:2] = [TaskName.ANALYSE]
+    routed = {TaskName.INFER, TaskName.ANALYSE}
     chain(*(app.signature(name.value, args=(job_id,), immutable=True,
-                          **({"queue": queue, "routing_key": queue}
-                             if name is TaskName.INFER else {}))
+                          **({"queue": queue, "routing_key": queue} if name in routed else {}))
             for name in names)).apply_async()
 
 

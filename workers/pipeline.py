@@ -216,12 +216,20 @@ def unassessable(code: str, message: str) -> InstanceQC:
     )
 
 
-def assess(sources: Sequence[SourceImage], *, max_frames: int) -> StudyQC:
+#: Decoded frames QC hands to inference in the same process (:func:`run_analysis`), at
+#: most this many bytes per study; the instances beyond are decoded again by inference.
+KEEP_DECODED_BYTES = 512 * 1024 * 1024
+
+
+def assess(sources: Sequence[SourceImage], *, max_frames: int,
+           keep: dict[str, DecodedInstance] | None = None) -> StudyQC:
     """Decode every source and run QC on it, then the study-level checks.
 
     An instance that cannot be decoded or assessed is recorded as failed with the reason;
-    it never stops the others from being assessed.
+    it never stops the others from being assessed. With ``keep``, the decoded instances
+    are put in it (by SOP Instance UID, up to :data:`KEEP_DECODED_BYTES`) for inference.
     """
+    kept = 0
     records: dict[str, QCRecord] = {}
     prepared: list[PreparedInstance] = []
     for source in sources:
@@ -242,21 +250,27 @@ def assess(sources: Sequence[SourceImage], *, max_frames: int) -> StudyQC:
             prepared.append(PreparedInstance(source.header, qc))
             continue
         records[uid] = QCRecord.of(qc, decoded, frames_total=decoded.number_of_frames)
+        fits = kept + decoded.frames.nbytes <= KEEP_DECODED_BYTES
+        if keep is not None and qc.usable_frames and fits:
+            keep[uid] = decoded
+            kept += decoded.frames.nbytes
         # Only what the study-level assessment needs: no pixels held across the loop.
         prepared.append(PreparedInstance(decoded.without_pixels(), qc))
     assessable, study_checks = assess_study(prepared)
     return StudyQC(records, assessable=bool(assessable), study_checks=study_checks)
 
 
-def run_qc(ctx: WorkerContext, job_id: int) -> QCDone | None:
-    """QC of every analysed instance of the job's study."""
+def run_qc(ctx: WorkerContext, job_id: int, *,
+           keep: dict[str, DecodedInstance] | None = None) -> QCDone | None:
+    """QC of every analysed instance of the job's study (``keep``: see :func:`assess`)."""
     started = time.perf_counter()
     with ctx.db.session() as session:
         job = jobs.pending(session, job_id, JobState.QC_DONE)
         if job is None:
             return None
         study_uid = job.study_instance_uid
-    study_qc = assess(ctx.sources(study_uid), max_frames=ctx.settings.max_frames_per_loop)
+    study_qc = assess(ctx.sources(study_uid), max_frames=ctx.settings.max_frames_per_loop,
+                      keep=keep)
     with ctx.db.session() as session:
         recorded = jobs.advance(session, job_id, JobState.QC_DONE, qc=study_qc.to_json(),
                                 seconds=time.perf_counter() - started)
@@ -271,8 +285,12 @@ def run_qc(ctx: WorkerContext, job_id: int) -> QCDone | None:
 # Inference
 # ----------------------------------------------------------------------------------------
 def analyse(study_uid: str, sources: Sequence[SourceImage], study_qc: StudyQC,
-            analyser: Analyser, *, max_frames: int) -> Analysis:
-    """Run the model packs on the frames QC found usable, with QC's scan region and mask."""
+            analyser: Analyser, *, max_frames: int,
+            decoded_by_qc: Mapping[str, DecodedInstance] | None = None) -> Analysis:
+    """Run the model packs on the frames QC found usable, with QC's scan region and mask.
+
+    An instance in ``decoded_by_qc`` (QC ran in this process) is not decoded again.
+    """
     prepared: list[PreparedInstance] = []
     for source in sources:
         uid = source.header.sop_instance_uid
@@ -280,7 +298,9 @@ def analyse(study_uid: str, sources: Sequence[SourceImage], study_qc: StudyQC,
         if record is None:
             continue  # arrived after QC: the next revision's job analyses it
         decoded: DecodedInstance | None = None
-        if record.usable_frame_indices:
+        if record.usable_frame_indices and decoded_by_qc and uid in decoded_by_qc:
+            decoded = decoded_by_qc[uid]
+        elif record.usable_frame_indices:
             try:
                 decoded = load_instance(source.path, max_frames=max_frames)
             except (PixelDataError, OSError) as exc:
@@ -329,7 +349,9 @@ def flag_drift(result: StudyResult, statuses: Sequence[StreamStatus]) -> StudyRe
         review_reasons=tuple(dict.fromkeys((*result.review_reasons, *reasons))))
 
 
-def run_inference(ctx: WorkerContext, job_id: int) -> Inferred | None:
+def run_inference(ctx: WorkerContext, job_id: int, *,
+                  decoded_by_qc: Mapping[str, DecodedInstance] | None = None
+                  ) -> Inferred | None:
     """Run the model packs on the usable frames of the study and record the result."""
     started = time.perf_counter()
     with ctx.db.session() as session:
@@ -342,7 +364,7 @@ def run_inference(ctx: WorkerContext, job_id: int) -> Inferred | None:
         study_uid = job.study_instance_uid
     sources = ctx.sources(study_uid)
     analysis = analyse(study_uid, sources, study_qc, ctx.analyser(),
-                       max_frames=ctx.settings.max_frames_per_loop)
+                       max_frames=ctx.settings.max_frames_per_loop, decoded_by_qc=decoded_by_qc)
     result = flag_drift(analysis.result, observe_drift(ctx, analysis, sources, study_qc))
     vendors = {s.header.sop_instance_uid: s.vendor for s in sources}
     # Metrics label vendors as drift streams do: normalised, the site's aliases applied.
@@ -358,6 +380,18 @@ def run_inference(ctx: WorkerContext, job_id: int) -> Inferred | None:
     logger.info("job %d: inference done (%d images, needs_review=%s)", job_id,
                 len(result.images), result.needs_review)
     return Inferred(job_id, result, labels)
+
+
+def run_analysis(ctx: WorkerContext, job_id: int) -> tuple[QCDone | None, Inferred | None]:
+    """QC, then inference, in this process (the inference queue is this worker's): each
+    instance is decoded once, and the job takes no hop through the broker in between.
+
+    Each stage records its own state as when they run apart, so a job interrupted between
+    them resumes with inference.
+    """
+    decoded: dict[str, DecodedInstance] = {}
+    qc_done = run_qc(ctx, job_id, keep=decoded)
+    return qc_done, run_inference(ctx, job_id, decoded_by_qc=decoded)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Celery tasks: thin orchestrators over :mod:`workers.pipeline`.
 
-A study runs as a chain ``qc -> infer -> report -> export_all`` (sent by
-:mod:`workers.dispatch`); ``export_all`` fans out one ``export`` task per destination.
+A study runs as a chain ``qc -> infer -> report`` (sent by :mod:`workers.dispatch`), or
+``analyse -> report`` where the inference workers serve the CPU queue too; ``report`` sends one
+``export`` task per destination (``export_all`` does it for a job resumed after its report).
 Payloads are job and export ids only. Each task runs one stage and hands its outcome to
 :mod:`workers.signals` for the metrics.
 """
@@ -62,6 +63,12 @@ def _init_process(**_: Any) -> None:
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.settings.worker_concurrency))
         ctx.analyser()
+        try:
+            from dicom_sr.builder import warm_up
+
+            warm_up()
+        except Exception:
+            logger.exception("SR builder warm-up failed; the first report is built cold")
 
 
 _heartbeat: Heartbeat | None = None
@@ -116,8 +123,9 @@ class JobTask(Task):  # type: ignore[misc]
             if run_id is not None:
                 with ctx.db.session() as session:
                     heartbeats.finish_run(session, run_id)
-        if outcome is not None:
-            signals.stage_finished(outcome)
+        for result in outcome if isinstance(outcome, tuple) else (outcome,):
+            if result is not None:
+                signals.stage_finished(result)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
@@ -151,10 +159,24 @@ def infer(job_id: int) -> pipeline.Inferred | None:
     return pipeline.run_inference(context(), job_id)
 
 
+@job_stage(name=TaskName.ANALYSE.value)
+def analyse(job_id: int) -> tuple[pipeline.QCDone | None, pipeline.Inferred | None]:
+    """QC and inference in one process, each image decoded once (the inference queue, where
+    its workers also serve the CPU queue)."""
+    return pipeline.run_analysis(context(), job_id)
+
+
 @job_stage(name=TaskName.REPORT.value)
 def report(job_id: int) -> pipeline.Reported | None:
-    """Build and store the SR, create the exports (CPU queue)."""
-    return pipeline.run_report(context(), job_id)
+    """Build and store the SR, create the exports and send them (CPU queue)."""
+    reported = pipeline.run_report(context(), job_id)
+    for export_id in reported.export_ids if reported is not None else ():
+        try:
+            dispatch_export(export_id)
+        except Exception:
+            # The report is durable and the export recorded: the reconciler sends it.
+            logger.exception("export %d not dispatched (broker unavailable?)", export_id)
+    return reported
 
 
 @job_stage(name=TaskName.EXPORT_ALL.value)
