@@ -281,12 +281,18 @@ def build_sr(
             manufacturer_model_name="sononode",
             software_versions=software_versions or _default_software_versions(),
             contributing_equipment=[_contributing_equipment(a) for a in algorithms],
+            # Every private scheme the SR uses is identified (PS3.3 C.12.1.1.2).
             coding_schemes=[
                 CodingSchemeIdentificationItem(
                     designator=codes.PRIVATE_SCHEME,
                     name=codes.PRIVATE_SCHEME_NAME,
                     responsible_organization=manufacturer,
-                )
+                ),
+                CodingSchemeIdentificationItem(
+                    designator=codes.IHE_SCHEME,
+                    name=codes.IHE_SCHEME_NAME,
+                    responsible_organization="IHE International",
+                ),
             ],
         )
     except (AttributeError, TypeError, ValueError) as exc:

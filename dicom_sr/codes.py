@@ -78,7 +78,14 @@ PROCESSING_EQUIPMENT = CodedConcept.from_code(codes.DCM.ProcessingEquipment)
 builds the Contributing Equipment item with it; :data:`AIR_PROCESSING_ALGORITHM` replaces
 it)."""
 
-AIR_PROCESSING_ALGORITHM = CodedConcept(value="Newcode1", scheme_designator="99IHE",
+IHE_SCHEME = "99IHE"
+"""Coding Scheme Designator of IHE's trial-implementation codes (private to IHE until DICOM
+assigns standard ones); declared in the SR's Coding Scheme Identification Sequence."""
+
+IHE_SCHEME_NAME = "IHE trial implementation codes"
+"""Coding Scheme Name written for :data:`IHE_SCHEME`."""
+
+AIR_PROCESSING_ALGORITHM = CodedConcept(value="Newcode1", scheme_designator=IHE_SCHEME,
                                         meaning="Processing Algorithm")
 """IHE AI Results' Purpose of Reference of the Contributing Equipment item that identifies
 each model pack: the trial-implementation code ("Newcode1", 99IHE), as MONAI Deploy writes

@@ -66,6 +66,28 @@ def test_header_copies_patient_and_study_and_uses_new_series(sources: list[Datas
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99SONONODE"
 
 
+def test_every_private_coding_scheme_used_is_identified(sources: list[Dataset]) -> None:
+    """PS3.3 C.12.1.1.2: a private scheme (``99`` prefix) a code uses anywhere in the SR,
+    the IHE AIR Purpose of Reference included, is listed with its name."""
+    sr = _build(sources, fx.review_result(sources))
+    used: set[str] = set()
+
+    def walk(ds: Dataset) -> None:
+        for element in ds:
+            if element.keyword == "CodingSchemeDesignator":
+                used.add(str(element.value))
+            elif element.VR == "SQ" and element.keyword != "CodingSchemeIdentificationSequence":
+                for item in element.value:
+                    walk(item)
+
+    walk(sr)
+    declared = {item.CodingSchemeDesignator: item.CodingSchemeName
+                for item in sr.CodingSchemeIdentificationSequence}
+    private = {scheme for scheme in used if scheme.startswith("99")}
+    assert private == {"99SONONODE", "99IHE"}
+    assert private <= set(declared) and all(declared[s] for s in private)
+
+
 def test_evidence_references_every_source(sources: list[Dataset]) -> None:
     sr = _build(sources, fx.normal_result(sources))
     (study,) = sr.CurrentRequestedProcedureEvidenceSequence
