@@ -9,6 +9,7 @@ with :func:`get_settings`; nothing else in the node reads the environment. (The 
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -301,8 +302,12 @@ class Settings(BaseSettings):
 
     @property
     def incoming_dir(self) -> Path:
-        """Temporary files being received (same filesystem as the spool, for atomic rename)."""
-        return self.data_dir / "incoming"
+        """Temporary files being received: ``<data_dir>/incoming/<host name>`` (same
+        filesystem as the spool, for atomic rename). One folder per listener host, so that
+        listeners sharing one data folder (several behind one address) never sweep each
+        other's transfers."""
+        host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "host"
+        return self.data_dir / "incoming" / host
 
     @property
     def reports_dir(self) -> Path:

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,13 +126,30 @@ class Spool:
             path.mkdir(exist_ok=True)
             fsync_dir(path.parent)
 
-    def sweep_incoming(self) -> int:
-        """Delete leftovers of aborted transfers (call when no association is running)."""
+    def sweep_incoming(self, *, others_after_seconds: float = 86400.0) -> int:
+        """Delete leftovers of aborted transfers (call when no association is running).
+
+        Everything in this listener's own folder goes; in the folders of other listeners
+        sharing the data folder (siblings of :attr:`incoming`), only files untouched for
+        ``others_after_seconds`` (a listener that is gone: a transfer that is still running
+        writes to its file at least every network timeout).
+        """
         removed = 0
         for path in self.incoming.iterdir():
             if path.is_file():
                 path.unlink(missing_ok=True)
                 removed += 1
+        cutoff = time.time() - others_after_seconds
+        for folder in self.incoming.parent.iterdir():
+            if folder == self.incoming or not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                try:
+                    if path.is_file() and path.stat().st_mtime < cutoff:
+                        path.unlink(missing_ok=True)
+                        removed += 1
+                except OSError:
+                    continue  # removed meanwhile by its own listener
         if removed:
             logger.info("removed %d partial file(s) from %s", removed, self.incoming)
         return removed

@@ -278,7 +278,8 @@ def test_the_listener_killed_mid_association_and_the_scheduler_killed_lose_nothi
                                    "127.0.0.1", str(node.dicom_port), str(loop)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: any(p.stat().st_size > 0 for p in incoming.glob("*")),
+            wait_for(lambda: any(p.is_file() and p.stat().st_size > 0
+                                 for p in incoming.glob("**/*")),
                      timeout=60, interval=0.01, what="a partial file in incoming/")
             (listener,) = _children(node.process.pid, "listener")
             os.kill(listener, signal.SIGKILL)
@@ -296,7 +297,7 @@ def test_the_listener_killed_mid_association_and_the_scheduler_killed_lose_nothi
             wait_for(restarted, timeout=120, what="the scheduler restarted")
         wait_for(lambda: _children(node.process.pid, "listener") and _echo(node.dicom_port),
                  timeout=120, what="the listener restarted")
-        assert not [p for p in incoming.glob("*") if p.is_file()], "a partial file was kept"
+        assert not [p for p in incoming.glob("**/*") if p.is_file()], "a partial file was kept"
         dcmsend(node.dicom_port, files)  # the modality re-sends
         wait_for(lambda: _srs(orthanc, study_uid), timeout=240, what="the SR in Orthanc")
         db = _index(node)

@@ -201,3 +201,27 @@ def test_calling_ae_allow_list_and_called_ae_at_association_time(
         assert not _associates(restricted, calling="SCANNER1", called="SOMEONEELSE")
     finally:
         server.shutdown()
+
+
+def test_listeners_sharing_a_data_folder_sweep_only_their_own_transfers(tmp_path: Path) -> None:
+    """Several listeners behind one address share the spool: each receives into its own
+    folder, and a restarting one removes its partial files and only the stale ones of a
+    listener that is gone, never a transfer another listener is running."""
+    import os
+    import time
+
+    from node.spool import Spool
+
+    incoming = tmp_path / "incoming"
+    mine = Spool(tmp_path / "spool", incoming / "listener-a")
+    running = incoming / "listener-b"
+    gone = incoming / "listener-c"
+    for folder in (running, gone):
+        folder.mkdir(parents=True)
+    (mine.incoming / "tmp1").write_bytes(b"partial")
+    (running / "tmp2").write_bytes(b"being received")
+    (gone / "tmp3").write_bytes(b"abandoned")
+    old = time.time() - 2 * 86400
+    os.utime(gone / "tmp3", (old, old))
+    assert mine.sweep_incoming() == 2
+    assert [p.name for p in incoming.glob("*/*")] == ["tmp2"]
