@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 OOD_TPR = 0.95
 #: Augmented copies per in-distribution frame when the OOD threshold is set.
 OOD_AUGMENTATIONS = 9
+#: Most in-distribution frames the threshold may reject, left out of its fit (the margin
+#: over the TPR quantile is chosen for it: :func:`loo_margin`).
+OOD_MAX_REJECTION = 0.05
 #: Folder of example frames looked for beside the npz when no ``--examples`` is given.
 EXAMPLES_FOLDER = "example_images"
 #: File types :func:`read_examples` reads (DICOM files through the node's own decoder).
@@ -321,6 +324,51 @@ class EnergyFit:
     """Frames of labelled originals and their augmented copies that passed QC."""
     augmented_accuracy: float | None
     """Accuracy on those."""
+    margin: float = 0.0
+    """Added to the ``tpr`` quantile (:func:`loo_margin`); part of :attr:`threshold`."""
+    held_out_frames: int = 0
+    """Frames scored by the leave-one-example-out check (0: fewer than 3 examples)."""
+    held_out_rejected: int = 0
+    """Of those, rejected by the rule (quantile and margin) fitted without their example."""
+    held_out_rejected_plain: int = 0
+    """Of those, rejected by the plain quantile fitted without their example."""
+
+
+def loo_margin(energies: np.ndarray, groups: np.ndarray, *, tpr: float,
+               max_rejection: float) -> float:
+    """The margin over the ``tpr`` quantile that rejects at most ``max_rejection`` of frames
+    the quantile was not fitted on.
+
+    Each example (``groups``: its frames, the original with its augmented copies) is left
+    out in turn; its frames' energies above the quantile of the others' are the rejections
+    the plain rule makes on unseen examples, and the margin is the ``1 - max_rejection``
+    quantile of those excesses (never negative). With fewer than two examples there is
+    nothing to leave out: 0.
+    """
+    ids = np.unique(groups)
+    if len(ids) < 2:
+        return 0.0
+    excess = np.concatenate([
+        energies[groups == g] - np.quantile(energies[groups != g], tpr) for g in ids])
+    return max(0.0, float(np.quantile(excess, 1.0 - max_rejection, method="higher")))
+
+
+def held_out_rejections(energies: np.ndarray, groups: np.ndarray, *, tpr: float,
+                        max_rejection: float | None) -> tuple[int, int]:
+    """Frames scored and rejected when each example is left out of the whole rule in turn
+    (quantile and, unless ``max_rejection`` is ``None``, margin, the margin chosen among the
+    other examples only): the rule's false rejections on examples it never saw."""
+    scored = rejected = 0
+    for g in np.unique(groups):
+        fit = groups != g
+        threshold = float(np.quantile(energies[fit], tpr))
+        if max_rejection is not None:
+            threshold += loo_margin(energies[fit], groups[fit], tpr=tpr,
+                                    max_rejection=max_rejection)
+        held = energies[groups == g]
+        scored += len(held)
+        rejected += int((held > threshold).sum())
+    return scored, rejected
 
 
 def fit_energy_threshold(
@@ -329,14 +377,20 @@ def fit_energy_threshold(
     *,
     tpr: float = OOD_TPR,
     augmentations: int = OOD_AUGMENTATIONS,
+    max_rejection: float = OOD_MAX_REJECTION,
     seed: int = 0,
 ) -> EnergyFit:
-    """Set the pack's energy threshold so that ``tpr`` of in-distribution frames stay below it.
+    """Set the pack's energy threshold so that in-distribution frames it never saw stay
+    below it.
 
     Every example and ``augmentations`` augmented copies of it (:func:`augment`) go through
-    the node's own QC and cropping (:func:`model_inputs`) and the pack; the threshold is the
-    ``tpr`` quantile of their energies (:class:`workers.models.packs.EnergyScorer` of the
-    pack's view task). Also reports the accuracy on the labelled examples.
+    the node's own QC and cropping (:func:`model_inputs`) and the pack (energy:
+    :class:`workers.models.packs.EnergyScorer` of the pack's view task). The threshold is
+    the ``tpr`` quantile of their energies plus :func:`loo_margin`, which a quantile fitted
+    on the examples themselves needs to keep unseen ones: the plain quantile rejects
+    ``1 - tpr`` of the frames it was fitted on and more of the others. With three examples
+    or more, :func:`held_out_rejections` checks the whole rule leaving each example out
+    (the figures the manifest reports). Also reports the accuracy on the labelled examples.
 
     Raises
     ------
@@ -354,8 +408,9 @@ def fit_energy_threshold(
     crops: list[np.ndarray] = []
     truth: list[str | None] = []
     original: list[bool] = []
+    group: list[int] = []
     used = 0
-    for example in examples:
+    for number, example in enumerate(examples):
         region = assess_instance(example.instance).scan_region
         for copy in range(augmentations + 1):
             instance = example.instance
@@ -364,6 +419,7 @@ def fit_energy_threshold(
                 instance = dataclasses.replace(instance, frames=frames)
             inputs = model_inputs(instance)
             crops += inputs
+            group += [number] * len(inputs)
             truth += [example.label] * len(inputs)
             original += [copy == 0] * len(inputs)
             used += bool(inputs and copy == 0)
@@ -382,8 +438,18 @@ def fit_energy_threshold(
 
     labelled, acc = accuracy(original)
     labelled_augmented, augmented_acc = accuracy([True] * len(crops))
+    groups = np.asarray(group)
+    margin = loo_margin(energies, groups, tpr=tpr, max_rejection=max_rejection)
+    held_out = plain = (0, 0)
+    if len(np.unique(groups)) >= 3:  # the margin of each left-out fit needs two examples
+        held_out = held_out_rejections(energies, groups, tpr=tpr, max_rejection=max_rejection)
+        plain = held_out_rejections(energies, groups, tpr=tpr, max_rejection=None)
     return EnergyFit(
-        threshold=float(np.quantile(energies, tpr)),
+        threshold=float(np.quantile(energies, tpr)) + margin,
+        margin=margin,
+        held_out_frames=held_out[0],
+        held_out_rejected=held_out[1],
+        held_out_rejected_plain=plain[1],
         tpr=tpr,
         frames=len(crops),
         examples=used,
@@ -404,23 +470,45 @@ def ood_manifest(fit: EnergyFit, source: str) -> dict[str, Any]:
         if fit.augmentations
         else "(no augmentation)"
     )
-    return {
+    if fit.held_out_frames:
+        held_out = (
+            f"; leaving each example out of the fit in turn (its copies with it), the rule "
+            f"rejected {fit.held_out_rejected} of {fit.held_out_frames} unseen frames "
+            f"(the quantile alone: {fit.held_out_rejected_plain})"
+        )
+    else:
+        held_out = "; too few examples (under 3) to check it on frames left out of the fit"
+    block: dict[str, Any] = {
         "method": "energy",
         "task": "view",
         "temperature": 1.0,
         "threshold": round(fit.threshold, 4),
         "tpr": fit.tpr,
+        "margin": round(fit.margin, 4),
         "fitted_on": (
             f"threshold at {fit.tpr:.0%} TPR on {fit.examples} example frame(s) from {source} "
-            f"{copies} = {fit.frames} frames, through the node's own QC and cropping; no other "
-            "in-distribution (fetal) data was available. Refit on site data: sononode model "
-            "import-sononet NPZ --out PACK --examples DIR"
+            f"{copies} = {fit.frames} frames, through the node's own QC and cropping, plus a "
+            f"margin of {fit.margin:.3f} for frames the fit never saw{held_out}; it rests on "
+            f"{fit.examples} example(s) only: no other in-distribution (fetal) data was "
+            "available. Refit on site data: sononode model import-sononet NPZ --out PACK "
+            "--examples DIR"
         ),
         "note": (
             "energy = -logsumexp(view logits); above the threshold the frame is out of "
             "distribution and the view is withheld for review. Needs no training data."
         ),
     }
+    if fit.held_out_frames:
+        block["held_out"] = {
+            "method": "leave one example out (with its augmented copies); the margin of "
+                      "each left-out fit chosen among the other examples only",
+            "examples": fit.examples,
+            "frames": fit.held_out_frames,
+            "rejected": fit.held_out_rejected,
+            "rejected_by_quantile_alone": fit.held_out_rejected_plain,
+            "max_rejection": OOD_MAX_REJECTION,
+        }
+    return block
 
 
 # ----------------------------------------------------------------------------------------

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 
 from modelkit.sononet_import import (
     augment,
+    held_out_rejections,
     import_sononet,
     label_from_name,
     load_npz_state_dict,
     load_sononet,
+    loo_margin,
     main,
     read_examples,
 )
@@ -303,6 +305,31 @@ def test_pack_predicts_examples(tmp_path: Path, frames: dict[str, np.ndarray]) -
     assert predicted == list(EXPECTED.values())
 
 
+def test_the_margin_keeps_frames_of_an_example_left_out_of_the_fit() -> None:
+    """Five examples of ten frames, one of them shifted as a new acquisition would be: the
+    plain 95 % quantile rejects far more than 5 % of an example it was not fitted on; the
+    margin, chosen among the other examples only, brings the unseen rejections down."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(5), 10)
+    energies = rng.normal(-10.0, 0.3, 50) + np.where(groups == 4, 1.0, 0.0)
+    scored, plain = held_out_rejections(energies, groups, tpr=0.95, max_rejection=None)
+    _, ruled = held_out_rejections(energies, groups, tpr=0.95, max_rejection=0.05)
+    assert scored == 50 and plain >= 8 and ruled < plain
+    margin = loo_margin(energies, groups, tpr=0.95, max_rejection=0.05)
+    assert margin > 0.5  # about the shift of the odd example
+    # Left out in turn, at most 5 % of the frames exceed the quantile of the others plus it.
+    excess = [energies[groups == g] - np.quantile(energies[groups != g], 0.95)
+              for g in range(5)]
+    assert np.mean(np.concatenate(excess) > margin) <= 0.05
+
+
+def test_no_margin_without_examples_to_leave_out() -> None:
+    energies = np.linspace(-12, -8, 10)
+    assert loo_margin(energies, np.zeros(10, int), tpr=0.95, max_rejection=0.05) == 0.0
+    same = np.tile(np.linspace(-12, -8, 10), 3)
+    assert loo_margin(same, np.repeat(np.arange(3), 10), tpr=0.95, max_rejection=0.05) == 0.0
+
+
 # ---------------------------------------------------------------------------------------
 # The pack in the node's analyser: OOD threshold, abstention, localisation
 # ---------------------------------------------------------------------------------------
@@ -336,8 +363,15 @@ def test_ood_threshold_is_documented_in_the_pack(ood_pack: Path) -> None:
         "and 9 mild augmentations: gain, gamma, speckle noise, zoom crops, shifts) = 50 frames"
     )
     assert "Refit on site data" in ood["fitted_on"]
+    assert "it rests on 5 example(s) only" in ood["fitted_on"]
+    held_out = ood["held_out"]
+    assert held_out["examples"] == 5 and held_out["frames"] == 50
+    assert f"rejected {held_out['rejected']} of 50 unseen frames" in ood["fitted_on"]
+    # The margin is what keeps unseen frames: never more rejections than the plain quantile.
+    assert ood["margin"] >= 0
+    assert held_out["rejected"] <= held_out["rejected_by_quantile_alone"]
     energies = manifest["metrics"]["ood_energy_in_distribution"]
-    assert energies["frames"] == 50 and energies["min"] < ood["threshold"] <= energies["max"]
+    assert energies["frames"] == 50 and energies["min"] < ood["threshold"]
     assert manifest["metrics"]["example_frames"]["accuracy"] == 1.0
     card = (ood_pack / "MODEL_CARD.md").read_text()
     assert ood["fitted_on"] in card and "not a validation" in card
