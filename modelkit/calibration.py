@@ -121,6 +121,52 @@ def expected_calibration_error(
     return float(np.sum(weights * np.abs(bins.accuracy[mask] - bins.confidence[mask])))
 
 
+def _top_label_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    gap = np.abs(np.bincount(index, correct, n_bins) - np.bincount(index, confidence, n_bins))
+    return float(gap.sum() / count.sum())
+
+
+def ece_noise_floor(probabilities: np.ndarray, *, n_bins: int = 15, draws: int = 200,
+                    quantile: float = 0.95, seed: int = 0) -> float:
+    """The ECE a perfectly calibrated model would show on these frames by chance.
+
+    Each frame is made correct with the probability of its top-label confidence (a model
+    calibrated by construction), ``draws`` times; the ``quantile`` of those ECEs is what
+    sampling alone gives with this many frames and these confidences. A measured ECE below
+    it is no evidence of miscalibration (a binned ECE of 30 frames is mostly noise).
+    Written by hand: the calibration libraries report ECE, not its null distribution.
+    """
+    p = np.asarray(probabilities, np.float64)
+    if p.ndim != 2 or p.shape[0] == 0:
+        raise ValueError(f"probabilities must be (N, K) with N > 0, got shape {p.shape}")
+    confidence = p.max(axis=1)
+    rng = np.random.default_rng(seed)
+    simulated = rng.random((draws, confidence.size)) < confidence
+    eces = [_top_label_ece(confidence, row.astype(np.float64), n_bins) for row in simulated]
+    return float(np.quantile(eces, quantile))
+
+
+def aurc(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """Area under the risk-coverage curve of selective prediction (lower is better).
+
+    Frames are kept from the most to the least confident; at each coverage the risk is the
+    error rate among the frames kept, and AURC is its mean over all coverages (Geifman and
+    El-Yaniv, "Selective classification for deep neural networks", NeurIPS 2017). A perfect
+    ranking of errors last gives about ``e**2 / 2`` for an error rate ``e``; a confidence
+    that knows nothing, about ``e``. Ties are taken in the given order.
+    """
+    c = np.asarray(confidence, np.float64).reshape(-1)
+    ok = np.asarray(correct, bool).reshape(-1)
+    if c.size == 0 or c.size != ok.size:
+        raise ValueError("confidence and correct must be non-empty and of one length")
+    order = np.argsort(-c, kind="mergesort")
+    errors = np.cumsum(~ok[order])
+    return float(np.mean(errors / np.arange(1, c.size + 1)))
+
+
 def _binary(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, np.float64).reshape(-1)
     y = _check_labels(np.asarray(labels).reshape(-1), s.shape[0], classes=2)

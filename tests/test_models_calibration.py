@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from modelkit.calibration import (
+    aurc,
     cluster_bootstrap,
     confusion_matrix,
+    ece_noise_floor,
     expected_calibration_error,
     fit_temperature,
     mean_nll,
@@ -137,3 +139,35 @@ def test_cluster_bootstrap_skips_undefined_resamples_and_validates() -> None:
         cluster_bootstrap(groups, {}, level=1.5)
     with pytest.raises(ValueError, match="resamples"):
         cluster_bootstrap(groups, {}, resamples=3)
+
+
+def test_ece_noise_floor_shrinks_with_frames_and_covers_a_calibrated_model() -> None:
+    """A model calibrated by construction shows an ECE under the floor 95 % of the time;
+    thirty frames give a floor of tenths, thousands of frames a few hundredths."""
+    rng = np.random.default_rng(7)
+    floors = {}
+    for n in (30, 3000):
+        p = rng.dirichlet([0.4] * 4, n)
+        floors[n] = ece_noise_floor(p)
+        below = 0
+        for _ in range(100):
+            y = np.array([rng.choice(4, p=row) for row in p])  # labels drawn from p itself
+            below += expected_calibration_error(p, y) <= floors[n]
+        assert below >= 88, (n, below)
+    assert floors[30] > 0.15 and floors[3000] < 0.05
+    overconfident = np.eye(4)[rng.integers(0, 4, 3000)] * 0.9 + 0.025  # says 92.5 %
+    y = rng.integers(0, 4, 3000)  # right 25 % of the time
+    assert expected_calibration_error(overconfident, y) > 5 * ece_noise_floor(overconfident)
+
+
+def test_aurc_rewards_a_confidence_that_ranks_errors_last() -> None:
+    rng = np.random.default_rng(8)
+    correct = rng.random(2000) > 0.2
+    informed = correct + rng.normal(0, 0.1, 2000)  # errors mostly least confident
+    blind = rng.random(2000)
+    error = 1 - correct.mean()
+    assert aurc(informed, correct) < 0.25 * error
+    assert aurc(blind, correct) == pytest.approx(error, abs=0.03)
+    assert aurc(correct.astype(float), correct) <= error**2  # a perfect ranking
+    with pytest.raises(ValueError):
+        aurc(np.array([]), np.array([]))

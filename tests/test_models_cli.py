@@ -84,6 +84,11 @@ def test_train_evaluate_threshold_distill_on_simulated_data(
     evaluation = json.loads((report / "evaluation.json").read_text())
     assert evaluation["overall"]["view"]["confusion_matrix"]
     assert set(evaluation["per_vendor"]) >= {"Solace Systems"}
+    for metrics in (evaluation["overall"], *evaluation["per_vendor"].values()):
+        view = metrics["view"]
+        assert 0 < view["ece_noise95"] < 1 and 0 <= view["aurc"] <= 1
+    # A vendor's few frames: its ECE is shown beside what chance alone gives.
+    assert "ECE noise" in (report / "evaluation.md").read_text()
     assert (
         main(
             [

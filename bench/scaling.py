@@ -8,7 +8,7 @@ the moment every SR is in Orthanc. The worker counts alternate over ``--repeat``
 so that a change in the machine's load hits both alike; it prints studies per minute and
 the ratio.
 
-    python bench/workers.py [--studies 12] [--repeat 2] [--workers 1 2]
+    python bench/scaling.py [--studies 12] [--repeat 2] [--workers 1 2]
 """
 
 from __future__ import annotations
