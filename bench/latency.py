@@ -19,19 +19,13 @@ import argparse
 import statistics
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import dcmsend, make_orthanc, percentile, start_node, wait_for
+from _common import dcmsend, epoch_seconds, make_orthanc, percentile, start_node, wait_for
 from pydicom import dcmread
 
 STABLE_SECONDS = 2.0
-
-
-def _t(text: str) -> float:
-    """Epoch seconds of one of the API's UTC timestamps."""
-    return datetime.fromisoformat(text.removesuffix("Z")).replace(tzinfo=UTC).timestamp()
 
 
 def main() -> None:
@@ -81,9 +75,9 @@ def main() -> None:
 
                 study = wait_for(exported, timeout=60, interval=0.05, what="export recorded")
                 job = study["jobs"][-1]
-                stable = _t(study["last_received_at"]) + STABLE_SECONDS
+                stable = epoch_seconds(study["last_received_at"]) + STABLE_SECONDS
                 row = {"total": in_pacs - stable,
-                       "scheduling": _t(job["created_at"]) - stable,
+                       "scheduling": epoch_seconds(job["created_at"]) - stable,
                        **(job["stage_seconds"] or {})}
                 row["other"] = row["total"] - sum(v for k, v in row.items() if k != "total")
                 rows.append(row)

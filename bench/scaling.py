@@ -19,19 +19,14 @@ import statistics
 import subprocess
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from _common import make_orthanc, start_node, wait_for
+from _common import epoch_seconds, make_orthanc, start_node, wait_for
 from pydicom import dcmread
 
 from harness.peers import dcmtk
 
 STABLE_SECONDS = 2.0
-
-
-def _epoch(text: str) -> float:
-    return datetime.fromisoformat(text.removesuffix("Z")).replace(tzinfo=UTC).timestamp()
 
 
 def run(studies: list[list[Path]], workers: int, tmp: Path) -> float:
@@ -57,7 +52,8 @@ def run(studies: list[list[Path]], workers: int, tmp: Path) -> float:
 
         wait_for(all_in_pacs, timeout=1800, interval=0.1, what="every SR in Orthanc")
         done = time.time()
-        stable = min(_epoch(node.get(f"/studies/{uid}")["last_received_at"]) for uid in uids)
+        stable = min(epoch_seconds(node.get(f"/studies/{uid}")["last_received_at"])
+                     for uid in uids)
         return done - (stable + STABLE_SECONDS)
     finally:
         node.stop()

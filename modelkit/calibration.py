@@ -100,8 +100,10 @@ def reliability_bins(
     if p.ndim != 2:
         raise ValueError(f"probabilities must be (N, K), got shape {p.shape}")
     y = _check_labels(labels, p.shape[0], classes=p.shape[1])
-    confidence = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    return _bins(p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64), n_bins)
+
+
+def _bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> ReliabilityBins:
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
     count = np.bincount(index, minlength=n_bins).astype(np.float64)
@@ -115,18 +117,13 @@ def expected_calibration_error(
     probabilities: np.ndarray, labels: np.ndarray, *, n_bins: int = 15
 ) -> float:
     """ECE: count-weighted mean |accuracy - confidence| over ``n_bins`` equal-width bins."""
-    bins = reliability_bins(probabilities, labels, n_bins=n_bins)
+    return _ece(reliability_bins(probabilities, labels, n_bins=n_bins))
+
+
+def _ece(bins: ReliabilityBins) -> float:
     mask = bins.count > 0
     weights = bins.count[mask] / bins.count.sum()
     return float(np.sum(weights * np.abs(bins.accuracy[mask] - bins.confidence[mask])))
-
-
-def _top_label_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
-    count = np.bincount(index, minlength=n_bins)
-    gap = np.abs(np.bincount(index, correct, n_bins) - np.bincount(index, confidence, n_bins))
-    return float(gap.sum() / count.sum())
 
 
 def ece_noise_floor(probabilities: np.ndarray, *, n_bins: int = 15, draws: int = 200,
@@ -145,7 +142,7 @@ def ece_noise_floor(probabilities: np.ndarray, *, n_bins: int = 15, draws: int =
     confidence = p.max(axis=1)
     rng = np.random.default_rng(seed)
     simulated = rng.random((draws, confidence.size)) < confidence
-    eces = [_top_label_ece(confidence, row.astype(np.float64), n_bins) for row in simulated]
+    eces = [_ece(_bins(confidence, row.astype(np.float64), n_bins)) for row in simulated]
     return float(np.quantile(eces, quantile))
 
 

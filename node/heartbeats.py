@@ -53,25 +53,27 @@ def live_workers(session: Session, *, now: datetime | None = None) -> list[Worke
     return list(session.scalars(select(WorkerHeartbeat).where(WorkerHeartbeat.last_seen >= cutoff)))
 
 
+def inference_route(session: Session, *, now: datetime | None = None) -> tuple[str, bool]:
+    """Where inference goes, and whether QC can run with it there as one task.
+
+    The queue: ``gpu`` while a live worker consuming it can analyse, else ``cpu`` while one
+    consuming that can (a host without a GPU worker), else ``gpu`` (it waits there;
+    ``/ready`` says why). QC goes with it when every live worker that can analyse from that
+    queue also serves ``cpu`` (one host: each image decoded once); not when none can, or
+    when a worker of that queue serves inference alone (a GPU host beside CPU hosts).
+    """
+    able = [set((w.queues or "").split(",")) for w in live_workers(session, now=now)
+            if w.can_analyse]
+    queues = set().union(*able)
+    queue = (Queue.GPU.value if Queue.GPU.value in queues or Queue.CPU.value not in queues
+             else Queue.CPU.value)
+    serving = [q for q in able if queue in q]
+    return queue, bool(serving) and all(Queue.CPU.value in q for q in serving)
+
+
 def inference_queue(session: Session, *, now: datetime | None = None) -> str:
-    """Where inference goes: the ``gpu`` queue while a live worker consuming it can
-    analyse, else the ``cpu`` queue while one consuming that can (a host without a GPU
-    worker), else ``gpu`` (it waits there; ``/ready`` says why)."""
-    able = [w for w in live_workers(session, now=now) if w.can_analyse]
-    queues = {q for w in able for q in (w.queues or "").split(",")}
-    if Queue.GPU.value in queues or Queue.CPU.value not in queues:
-        return Queue.GPU.value
-    return Queue.CPU.value
-
-
-def qc_with_inference(session: Session, queue: str, *, now: datetime | None = None) -> bool:
-    """Whether every live worker that can analyse from ``queue`` also serves the CPU queue,
-    so that QC and inference can run as one task there (each image decoded once). False
-    when none can, or when a worker of that queue serves inference alone (a GPU host
-    beside CPU hosts: QC stays on the CPU hosts)."""
-    serving = [set((w.queues or "").split(",")) for w in live_workers(session, now=now)
-               if w.can_analyse and queue in (w.queues or "").split(",")]
-    return bool(serving) and all(Queue.CPU.value in queues for queues in serving)
+    """The queue of :func:`inference_route`."""
+    return inference_route(session, now=now)[0]
 
 
 def start_run(session: Session, job_id: int, stage: str, *, worker: str,

@@ -130,7 +130,8 @@ class Spool:
         """Delete leftovers of aborted transfers (call when no association is running).
 
         Everything in this listener's own folder goes; in the folders of other listeners
-        sharing the data folder (siblings of :attr:`incoming`), only files untouched for
+        sharing the data folder (siblings of :attr:`incoming`, and files beside them from
+        before there was one folder per host), only files untouched for
         ``others_after_seconds`` (a listener that is gone: a transfer that is still running
         writes to its file at least every network timeout).
         """
@@ -141,9 +142,9 @@ class Spool:
                 removed += 1
         cutoff = time.time() - others_after_seconds
         for folder in self.incoming.parent.iterdir():
-            if folder == self.incoming or not folder.is_dir():
+            if folder == self.incoming:
                 continue
-            for path in folder.iterdir():
+            for path in folder.iterdir() if folder.is_dir() else [folder]:
                 try:
                     if path.is_file() and path.stat().st_mtime < cutoff:
                         path.unlink(missing_ok=True)

@@ -221,7 +221,9 @@ def test_listeners_sharing_a_data_folder_sweep_only_their_own_transfers(tmp_path
     (mine.incoming / "tmp1").write_bytes(b"partial")
     (running / "tmp2").write_bytes(b"being received")
     (gone / "tmp3").write_bytes(b"abandoned")
+    (incoming / "tmp4").write_bytes(b"left by a listener of the one-folder layout")
     old = time.time() - 2 * 86400
-    os.utime(gone / "tmp3", (old, old))
-    assert mine.sweep_incoming() == 2
+    for path in (gone / "tmp3", incoming / "tmp4"):
+        os.utime(path, (old, old))
+    assert mine.sweep_incoming() == 3
     assert [p.name for p in incoming.glob("*/*")] == ["tmp2"]

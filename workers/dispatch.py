@@ -62,12 +62,11 @@ def _index() -> Database:
 
 
 def _inference_route() -> tuple[str, bool]:
-    """The inference queue, and whether QC can run with inference on it (see
-    :func:`node.heartbeats.qc_with_inference`)."""
+    """The inference queue, and whether QC runs with inference on it
+    (:func:`node.heartbeats.inference_route`)."""
     try:
         with _index().session() as session:
-            queue = heartbeats.inference_queue(session)
-            return queue, heartbeats.qc_with_inference(session, queue)
+            return heartbeats.inference_route(session)
     except Exception:
         logger.warning("inference queue unknown (index unavailable); using gpu", exc_info=True)
         return Queue.GPU.value, False
@@ -76,7 +75,7 @@ def _inference_route() -> tuple[str, bool]:
 def dispatch_job(job_id: int, from_state: JobState = JobState.QUEUED) -> None:
     """Send the rest of the job's chain, starting with the task that leaves ``from_state``.
 
-    Inference goes to the queue :func:`node.heartbeats.inference_queue` names now: the GPU
+    Inference goes to the queue :func:`node.heartbeats.inference_route` names now: the GPU
     worker's when one can analyse, else the CPU worker's. Where the workers of that queue
     also serve the CPU queue, QC and inference run there as one task
     (:data:`TaskName.ANALYSE`). The report task sends the exports itself, so the
