@@ -45,7 +45,7 @@ from workers.imaging.pixels import decode_dataset, sample_frames
 from workers.imaging.qc import assess_instance
 from workers.imaging.types import DecodedInstance, InstanceQC, PreparedInstance
 from workers.models.inference import Analyser
-from workers.models.manifest import Region
+from workers.models.manifest import CaptureLayout, Region
 from workers.models.ood import EnergyScorer
 from workers.models.packs import ModelPack
 from workers.models.preprocess import model_input
@@ -148,18 +148,21 @@ def other_modality_frames(
 
 
 def fetal_frames(
-    examples: Sequence[Example], *, augmentations: int, seed: int = 1
+    examples: Sequence[Example], *, augmentations: int, seed: int = 1,
+    layouts: Sequence[CaptureLayout] = (),
 ) -> list[np.ndarray]:
-    """SonoNet's in-distribution frames: each example and ``augmentations`` copies of it."""
+    """SonoNet's in-distribution frames: each example and ``augmentations`` copies of it,
+    cropped as the pack (its capture ``layouts``) has the node crop them."""
 
     rng = np.random.default_rng(seed)
     frames: list[np.ndarray] = []
     for example in examples:
         region = assess_instance(example.instance).scan_region
-        frames += model_inputs(example.instance)
+        frames += model_inputs(example.instance, layouts=layouts)
         for _ in range(augmentations):
             shaken = augment(example.instance.frames, rng, region=region)
-            frames += model_inputs(dataclasses.replace(example.instance, frames=shaken))
+            frames += model_inputs(dataclasses.replace(example.instance, frames=shaken),
+                                   layouts=layouts)
     return frames
 
 
@@ -241,7 +244,7 @@ def sononet_rows(
 ) -> tuple[list[Row], dict[str, float]]:
     """Rows (a) and (b) for a SonoNet pack, and the abstention rate of each set."""
 
-    fetal = fetal_frames(examples, augmentations=augmentations)
+    fetal = fetal_frames(examples, augmentations=augmentations, layouts=pack.input.layouts)
     modality, sources = other_modality_frames(Region.SCAN_REGION, copies=copies)
     other_us = simulated_frames(sorted(VENDOR_STYLES), per_view=per_view, seed=7, views=VIEWS)
     inside = f"{len(examples)} fetal example frames x {augmentations + 1}"

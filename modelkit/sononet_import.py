@@ -30,12 +30,14 @@ from modelkit.pack_writer import write_pack
 from workers.imaging.pixels import PixelDataError, load_instance, sample_frames
 from workers.imaging.qc import assess_instance
 from workers.imaging.types import Box, DecodedInstance, PreparedInstance
-from workers.models.manifest import FORMAT_VERSION, Manifest, Region
+from workers.models.manifest import FORMAT_VERSION, CaptureLayout, Manifest, Region
 from workers.models.ood import EnergyScorer
 from workers.models.packs import ModelPack
 from workers.models.preprocess import model_input
 from workers.models.sononet import (
     ABSTAIN_LABEL,
+    AUTHORS_CAPTURE,
+    AUTHORS_CROP,
     BN_EPS,
     CITATION,
     INPUT_SCALE,
@@ -286,12 +288,16 @@ def augment(
     return out
 
 
-def model_inputs(instance: DecodedInstance, *, max_frames: int = 16) -> list[np.ndarray]:
+def model_inputs(
+    instance: DecodedInstance, *, max_frames: int = 16, layouts: Sequence[CaptureLayout] = ()
+) -> list[np.ndarray]:
     """The pack's input crops of ``instance`` exactly as the node makes them.
 
     Quality control (:func:`workers.imaging.qc.assess_instance`) finds the scan region; every usable
-    frame (at most ``max_frames``, evenly spread) is cropped and masked to it by
-    :func:`workers.models.inference.model_input`. An instance failing QC gives no input.
+    frame (at most ``max_frames``, evenly spread) is cropped by
+    :func:`workers.models.preprocess.model_input`: to a capture layout's fixed crop (of
+    ``layouts``, the pack's) where the frame has one, else to the scan region, masked. An
+    instance failing QC gives no input.
     """
     qc = assess_instance(instance)
     if qc.failed:
@@ -300,7 +306,7 @@ def model_inputs(instance: DecodedInstance, *, max_frames: int = 16) -> list[np.
         return []
     item = PreparedInstance(instance, qc)
     return [
-        model_input(item, index, Region.SCAN_REGION)
+        model_input(item, index, Region.SCAN_REGION, layouts)
         for index in sample_frames(list(qc.usable_frames), max_frames)
     ]
 
@@ -417,7 +423,7 @@ def fit_energy_threshold(
             if copy:
                 frames = augment(instance.frames, rng, region=region)
                 instance = dataclasses.replace(instance, frames=frames)
-            inputs = model_inputs(instance)
+            inputs = model_inputs(instance, layouts=pack.input.layouts)
             crops += inputs
             group += [number] * len(inputs)
             truth += [example.label] * len(inputs)
@@ -544,6 +550,20 @@ def pack_manifest(
             # has no such mode, so the z-score is "per_image" and the x255 is the network's
             # input_scale parameter.
             "normalisation": {"mode": "per_image", "scheme": "sononet", "scale": INPUT_SCALE},
+            # The authors' captures are cropped where the authors cropped them: QC's scan
+            # region of these frames also holds the on-image annotations (depth ticks, the
+            # settings column), at another scale and aspect than the weights learnt.
+            "layouts": [
+                {
+                    "rows": AUTHORS_CAPTURE[0],
+                    "columns": AUTHORS_CAPTURE[1],
+                    "crop": list(AUTHORS_CROP),
+                    "source": (
+                        "the authors' pre-processing of their Voluson E8 screen captures "
+                        "(baumgach/SonoNet-weights)"
+                    ),
+                }
+            ],
         },
         "tasks": {
             "view": {
@@ -626,8 +646,11 @@ def _model_card(manifest: dict[str, Any]) -> str:
         f"`{SOURCE}` (Apache-2.0), converted with `sononode model import-sononet`.\n\n"
         f"Cite: {CITATION}\n\n"
         f'Labels: {labels}. "Background" (no standard plane) is never reported.\n\n'
-        "Input: QC's scan region of the frame (outside of the sector masked), grey, "
-        "224 x 288, per-image z-score times 255.\n\n"
+        f"Input: on {AUTHORS_CAPTURE[0]} x {AUTHORS_CAPTURE[1]} captures of the authors' "
+        f"layout their fixed crop (columns {AUTHORS_CROP[0]}..{AUTHORS_CROP[2] - 1}, rows "
+        f"{AUTHORS_CROP[1]}..{AUTHORS_CROP[3] - 1}); on frames of any other layout QC's scan "
+        "region (outside of the sector masked); then grey, 224 x 288, per-image z-score "
+        "times 255, as the authors pre-processed their captures.\n\n"
         "Localisation: the class map of the reported plane, thresholded at half its range, "
         "gives the image region referenced in the report.\n\n"
         "Calibration: none (temperature 1.0). No fetal data was available here to calibrate "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,14 @@ from modelkit.sononet_import import (
     load_sononet,
     loo_margin,
     main,
+    pack_manifest,
     read_examples,
 )
 from workers.imaging.qc import assess_instance
 from workers.imaging.types import DecodedInstance, PreparedInstance
 from workers.models.inference import box_from_map
-from workers.models.manifest import Region
-from workers.models.preprocess import input_box, model_input
+from workers.models.manifest import FORMAT_VERSION, CaptureLayout, Manifest, Region
+from workers.models.preprocess import input_box, layout_crop, model_input
 from workers.models.sononet import (
     ABSTAIN_LABEL,
     AUTHORS_CROP,
@@ -196,17 +198,25 @@ def authors_input(frame: np.ndarray, crop: tuple[int, int, int, int] = AUTHORS_C
     return (grey - grey.mean()) / grey.std(unbiased=False).clamp_min(1e-6) * INPUT_SCALE
 
 
-def node_input(frame: np.ndarray) -> torch.Tensor:
-    """The node's own path for a scan-region pack: QC's scan region and mask, then the
-    pack's pre-processing (per-image z-score; the network multiplies by 255)."""
+def node_input(frame: np.ndarray, layouts: Sequence[CaptureLayout] = ()) -> torch.Tensor:
+    """The node's own path for a scan-region pack: QC's scan region and mask (or the fixed
+    crop of one of ``layouts`` the frame has), then the pack's pre-processing (per-image
+    z-score; the network multiplies by 255)."""
     from workers.models.manifest import InputSpec, NormalisationMode
     from workers.models.preprocess import preprocess
 
     item = _prepared(frame, "1.2.826.0.1.3680043.8.498.99")
-    crop = model_input(item, 0, Region.SCAN_REGION)
+    crop = model_input(item, 0, Region.SCAN_REGION, layouts)
     spec = InputSpec(height=INPUT_SIZE[0], width=INPUT_SIZE[1],
                      normalisation=NormalisationMode.PER_IMAGE)
     return preprocess([crop], spec)[0] * INPUT_SCALE
+
+
+def pack_layouts() -> tuple[CaptureLayout, ...]:
+    """The capture layouts an imported SonoNet pack declares."""
+    document = {**pack_manifest(), "format_version": FORMAT_VERSION,
+                "members": [{"weights": "weights.pt", "sha256": "0" * 64}]}
+    return Manifest.from_dict(document).input.layouts
 
 
 def test_authors_input_contract() -> None:
@@ -222,10 +232,62 @@ def test_authors_input_contract() -> None:
 # ---------------------------------------------------------------------------------------
 # With the published weights and example frames
 # ---------------------------------------------------------------------------------------
+#: Largest difference allowed between a logit of the node's path and of the authors'
+#: pre-processing on their own captures. The two differ only in order (grey then resize
+#: against resize then grey, both linear) and the unbiased standard deviation of the
+#: z-score (a factor of 1.000008): measured 0.0004 at most; the detected scan region
+#: instead of the authors' crop moves logits by up to 2.3.
+LOGIT_TOLERANCE = 0.01
+
+
+@needs_weights
+@needs_examples
+def test_node_path_reproduces_the_authors_preprocessing_on_their_captures(
+    model: SonoNet16, frames: dict[str, np.ndarray]
+) -> None:
+    """Every example capture through the node's path with the pack's capture layout gives
+    the authors' input: the same top class and logits within :data:`LOGIT_TOLERANCE`."""
+    layouts = pack_layouts()
+    assert [(lay.rows, lay.columns, lay.crop) for lay in layouts] == [
+        (735, 975, AUTHORS_CROP)]
+    for name, frame in frames.items():
+        assert frame.shape[:2] == (735, 975), name
+        item = _prepared(frame, "1.2.826.0.1.3680043.8.498.96")
+        assert input_box(item, Region.SCAN_REGION, layouts) == AUTHORS_CROP
+        authors = _run(model, authors_input(frame)[None])["logits"][0]
+        node = _run(model, node_input(frame, layouts)[None])["logits"][0]
+        assert int(node.argmax()) == int(authors.argmax()), name
+        assert SONONET_LABELS[int(node.argmax())] == EXPECTED[name]
+        difference = float((node - authors).abs().max())
+        assert difference <= LOGIT_TOLERANCE, f"{name}: logits differ by {difference:.4f}"
+
+
+def test_a_capture_layout_applies_only_where_its_image_is() -> None:
+    """A frame of the layout's size whose image lies elsewhere keeps QC's region; a frame
+    of another size never takes the layout's crop."""
+    layouts = pack_layouts()
+    rng = np.random.default_rng(5)
+    elsewhere = np.zeros((735, 975, 3), np.uint8)
+    elsewhere[380:730, 500:970] = rng.integers(20, 230, (350, 470, 1), np.uint8)
+    item = _prepared(elsewhere, "1.2.826.0.1.3680043.8.498.95")
+    assert item.qc.scan_region is not None
+    assert layout_crop(item, layouts) is None
+    assert input_box(item, Region.SCAN_REGION, layouts) == input_box(item, Region.SCAN_REGION)
+    other = np.zeros((736, 975, 3), np.uint8)
+    other[100:730, 60:900] = rng.integers(20, 230, (630, 840, 1), np.uint8)
+    assert layout_crop(_prepared(other, "1.2.826.0.1.3680043.8.498.94"), layouts) is None
+    there = np.zeros((735, 975, 3), np.uint8)
+    there[71:735, 0:960] = rng.integers(20, 230, (664, 960, 1), np.uint8)
+    assert layout_crop(_prepared(there, "1.2.826.0.1.3680043.8.498.93"), layouts) == AUTHORS_CROP
+
+
 @needs_weights
 @needs_examples
 @pytest.mark.parametrize("crop", ["authors", "node"])
 def test_examples_classified(model: SonoNet16, frames: dict[str, np.ndarray], crop: str) -> None:
+    """The authors' pre-processing, and the node's path as it is for frames of any other
+    layout (QC's detected scan region, masked, resized to 224 x 288), both classify every
+    example right."""
     names = list(EXPECTED)
     make = authors_input if crop == "authors" else node_input
     batch = torch.stack([make(frames[n]) for n in names])
@@ -252,9 +314,11 @@ def test_outputs_stable_between_runs(model: SonoNet16, frames: dict[str, np.ndar
 @needs_weights
 @needs_examples
 def test_localise_inside_scan_region(model: SonoNet16, frames: dict[str, np.ndarray]) -> None:
+    layouts = pack_layouts()
     for name, frame in frames.items():
-        region = input_box(_prepared(frame, "1.2.826.0.1.3680043.8.498.98"), Region.SCAN_REGION)
-        out = _run(model, node_input(frame)[None])
+        region = input_box(_prepared(frame, "1.2.826.0.1.3680043.8.498.98"), Region.SCAN_REGION,
+                           layouts)
+        out = _run(model, node_input(frame, layouts)[None])
         index = int(out["logits"][0].argmax())
         c0, r0, c1, r1 = box_from_map(out["class_maps"][0, index].numpy(), region)
         rc0, rr0, rc1, rr1 = region
@@ -299,7 +363,7 @@ def test_pack_predicts_examples(tmp_path: Path, frames: dict[str, np.ndarray]) -
 
     pack = ModelPack.load(import_sononet(NPZ, tmp_path / "pack"), device="cpu")
     crops = [model_input(_prepared(frame, "1.2.826.0.1.3680043.8.498.97"), 0,
-                         Region.SCAN_REGION) for frame in frames.values()]
+                         Region.SCAN_REGION, pack.input.layouts) for frame in frames.values()]
     probabilities = pack.predict(crops).probabilities["view"]
     predicted = [SONONET_LABELS[int(i)] for i in probabilities.argmax(axis=1)]
     assert predicted == list(EXPECTED.values())

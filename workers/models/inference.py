@@ -248,7 +248,7 @@ class Analyser:
         per_pack: list[list[Prediction | None]] = []
         for pack in self.packs:
             crops = [
-                model_input(item, index, pack.input.region)
+                model_input(item, index, pack.input.region, pack.input.layouts)
                 for item, frames in zip(prepared, selected, strict=True)
                 for index in frames
             ]
@@ -522,7 +522,8 @@ def _locate(
     if loc is None or loc.task != task.name or loc.output not in prediction.maps:
         return None
     heat = prediction.maps[loc.output].mean(axis=0)[task.label_names.index(label)]
-    return box_from_map(heat, input_box(item, pack.input.region), fraction=loc.fraction)
+    return box_from_map(heat, input_box(item, pack.input.region, pack.input.layouts),
+                        fraction=loc.fraction)
 
 
 def _slice(prediction: Prediction, start: int, stop: int) -> Prediction:

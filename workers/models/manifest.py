@@ -171,6 +171,22 @@ class _Fields:
             ) from exc
 
 
+def _layout(fields: _Fields) -> CaptureLayout:
+    rows, columns = fields.integer("rows"), fields.integer("columns")
+    crop = fields.items("crop")
+    if (
+        len(crop) != 4
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in crop)
+        or not (0 <= crop[0] < crop[2] <= columns and 0 <= crop[1] < crop[3] <= rows)
+    ):
+        raise PackFormatError(
+            f"{fields.where}.crop must be [column0, row0, column1, row1] integers inside the "
+            f"{rows} x {columns} frame, got {crop!r}"
+        )
+    return CaptureLayout(rows=rows, columns=columns, crop=(crop[0], crop[1], crop[2], crop[3]),
+                         source=fields.text("source", required=False, default=""))
+
+
 @dataclass(frozen=True)
 class LabelSpec:
     """One class of a classification task with its DICOM code."""
@@ -222,6 +238,23 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
+class CaptureLayout:
+    """A frame layout whose image area the pack's training data cropped at a fixed place.
+
+    Frames of exactly ``rows`` x ``columns`` pixels are cropped to ``crop`` (``(column0,
+    row0, column1, row1)``, exclusive end), unmasked, as the weights were trained, instead
+    of to QC's detected scan region: a detected region that includes the vendor's on-image
+    annotations gives the network another scale and aspect than it learnt (the SonoNet
+    captures; ``docs/MODEL_PACK.md``). ``source`` says where the crop comes from.
+    """
+
+    rows: int
+    columns: int
+    crop: tuple[int, int, int, int]
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """What the network expects."""
 
@@ -232,6 +265,8 @@ class InputSpec:
     normalisation: NormalisationMode = NormalisationMode.FIXED
     mean: float = 0.0
     std: float = 1.0
+    layouts: tuple[CaptureLayout, ...] = ()
+    """Fixed crops for frames of known capture layouts (``scan_region`` packs only)."""
 
 
 @dataclass(frozen=True)
@@ -341,7 +376,13 @@ class Manifest:
             normalisation=norm.enum("mode", NormalisationMode),
             mean=norm.number("mean", required=False, default=0.0),
             std=norm.number("std", required=False, default=1.0, low=1e-6),
+            layouts=tuple(
+                _layout(_Fields(item, f"{inp.where}.layouts[{i}]"))
+                for i, item in enumerate(inp.items("layouts", required=False))
+            ),
         )
+        if input_spec.layouts and input_spec.region is not Region.SCAN_REGION:
+            raise PackFormatError(f"{inp.where}.layouts needs region 'scan_region'")
         if input_spec.channels not in (1, 3):
             raise PackFormatError(f"{inp.where}.channels must be 1 or 3, got {input_spec.channels}")
         tasks_obj = root.section("tasks")

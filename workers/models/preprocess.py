@@ -6,7 +6,9 @@ quality-controlled frame into exactly that input:
 
 1. :func:`model_input`: the pixels the pack looks at, grey in ``[0, 1]``: for
    ``scan_region`` packs the bounding box of QC's scan region with everything outside the
-   sector mask set to zero (:func:`frame_for_model`), for ``full_frame`` packs the frame;
+   sector mask set to zero (:func:`frame_for_model`), or, for a frame of a capture layout
+   the pack declares, that layout's fixed crop as its weights were trained
+   (:func:`layout_crop`); for ``full_frame`` packs the frame;
 2. :func:`preprocess`: resized (bilinear, antialiased) to the pack's input size and
    normalised (:func:`normalise`) into an ``(N, C, H, W)`` tensor.
 
@@ -32,11 +34,17 @@ from workers.models.manifest import InputSpec, NormalisationMode, Region
 
 if TYPE_CHECKING:
     from workers.imaging.types import DecodedInstance, InstanceQC, PreparedInstance
+    from workers.models.manifest import CaptureLayout
 
 logger = logging.getLogger(__name__)
 
 #: A scan region narrower or lower than this is ignored (the whole frame is used).
 MIN_REGION_PIXELS = 8
+#: A capture layout's fixed crop is used only where QC's scan region covers at least this
+#: fraction of it: a frame of the same size from another display, whose image lies
+#: elsewhere, keeps QC's region. Not more: a sector dark at one side gives a smaller
+#: region (0.88 of the crop on the SonoNet authors' 4CH capture).
+LAYOUT_MIN_COVER = 0.5
 
 
 def to_unit_grey(frame: np.ndarray) -> np.ndarray:
@@ -127,10 +135,42 @@ def clipped_region(qc: InstanceQC, shape: tuple[int, ...]) -> Box | None:
     return c0, r0, c1, r1
 
 
-def input_box(item: PreparedInstance, region: Region) -> Box:
-    """The part of the frame a pack with input ``region`` sees, in frame pixels."""
+def layout_crop(item: PreparedInstance, layouts: Sequence[CaptureLayout]) -> Box | None:
+    """The fixed crop of the first of ``layouts`` that ``item``'s frames have, or ``None``.
+
+    A layout applies to frames of its exact size whose image lies where its crop is: QC's
+    scan region (when QC found one) covers at least :data:`LAYOUT_MIN_COVER` of the crop.
+    """
     rows, cols = item.instance.frames.shape[1:3]
-    box = clipped_region(item.qc, (rows, cols)) if region is Region.SCAN_REGION else None
+    for layout in layouts:
+        if (layout.rows, layout.columns) != (rows, cols):
+            continue
+        c0, r0, c1, r1 = layout.crop
+        region = item.qc.scan_region
+        if region is not None:
+            overlap = max(0, min(c1, region[2]) - max(c0, region[0])) * max(
+                0, min(r1, region[3]) - max(r0, region[1])
+            )
+            if overlap < LAYOUT_MIN_COVER * (c1 - c0) * (r1 - r0):
+                logger.debug(
+                    "%s: %d x %d frame of a known capture layout, but its scan region %s "
+                    "lies elsewhere: not using the layout's crop",
+                    item.instance.sop_instance_uid, rows, cols, region,
+                )
+                continue
+        return layout.crop
+    return None
+
+
+def input_box(
+    item: PreparedInstance, region: Region, layouts: Sequence[CaptureLayout] = ()
+) -> Box:
+    """The part of the frame a pack with input ``region`` (and capture ``layouts``) sees,
+    in frame pixels."""
+    rows, cols = item.instance.frames.shape[1:3]
+    box = None
+    if region is Region.SCAN_REGION:
+        box = layout_crop(item, layouts) or clipped_region(item.qc, (rows, cols))
     return box if box is not None else (0, 0, int(cols), int(rows))
 
 
@@ -154,14 +194,23 @@ def frame_for_model(inst: DecodedInstance, qc: InstanceQC, index: int) -> np.nda
     return unit
 
 
-def model_input(item: PreparedInstance, index: int, region: Region) -> np.ndarray:
+def model_input(
+    item: PreparedInstance, index: int, region: Region, layouts: Sequence[CaptureLayout] = ()
+) -> np.ndarray:
     """Grey float32 frame in ``[0, 1]`` that a pack with input ``region`` is shown.
 
-    ``scan_region``: :func:`frame_for_model` when QC found a region and its mask, else the
-    unmasked crop of QC's box, else the whole frame. ``full_frame``: the whole frame.
+    ``scan_region``: the fixed crop of a capture layout the frame has (:func:`layout_crop`,
+    unmasked, as the pack was trained), else :func:`frame_for_model` when QC found a region
+    and its mask, else the unmasked crop of QC's box, else the whole frame. ``full_frame``:
+    the whole frame.
     """
     if region is Region.FULL_FRAME:
         return grey_frame(item.instance, index)
+    fixed = layout_crop(item, layouts)
+    if fixed is not None:
+        c0, r0, c1, r1 = fixed
+        grey: np.ndarray = grey_frames(item.instance.frames[index : index + 1, r0:r1, c0:c1])[0]
+        return grey / np.float32(255.0)
     if item.qc.scan_region is not None and item.qc.scan_mask is not None:
         try:
             return frame_for_model(item.instance, item.qc, index)

@@ -49,6 +49,8 @@ ADAPTATION_CHANNELS = 64
 #: The authors' crop of their example screen captures, ``(c0, r0, c1, r1)``, exclusive end:
 #: rows 115..734 and columns 81..874 of a 735 x 975 Voluson E8 capture.
 AUTHORS_CROP: tuple[int, int, int, int] = (81, 115, 874, 734)
+#: Size ``(rows, columns)`` of those captures: the layout :data:`AUTHORS_CROP` applies to.
+AUTHORS_CAPTURE: tuple[int, int] = (735, 975)
 #: Scale applied after the per-image z-score (the authors' ``* 255``).
 INPUT_SCALE = 255.0
 CITATION = (
