@@ -18,7 +18,7 @@ COPY node ./node
 COPY workers ./workers
 COPY dicom_sr ./dicom_sr
 COPY deploy/models ./deploy/models
-RUN pip install --no-cache-dir .  \
+RUN pip install --no-cache-dir ".[s3]"  \
     && useradd --system --uid 1000 --home /data sononode \
     && mkdir -p /data && chown sononode /data
 

@@ -129,9 +129,11 @@ def _cmd_scheduler(_: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     from node.retention import purge
     from node.spool import Spool
+    from node.storage import open_store
 
     spool = Spool(settings.spool_dir, settings.incoming_dir)
-    retention = (lambda: purge(db, spool, days=settings.retention_days)) \
+    store = open_store(settings, spool)
+    retention = (lambda: purge(db, spool, days=settings.retention_days, store=store)) \
         if settings.retention_days > 0 else None
     run_scheduler(
         db,
@@ -151,14 +153,16 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     from node.db import open_database
     from node.retention import purge
     from node.spool import Spool
+    from node.storage import open_store
 
     days = args.days if args.days is not None else settings.retention_days
     if days <= 0:
         print("no retention: give --days N or set SONONODE_RETENTION_DAYS", file=sys.stderr)
         return 2
     db = open_database(settings.effective_database_url, settings.data_dir)
-    report = purge(db, Spool(settings.spool_dir, settings.incoming_dir), days=days,
-                   dry_run=args.dry_run, actor="cli")
+    spool = Spool(settings.spool_dir, settings.incoming_dir)
+    report = purge(db, spool, days=days, dry_run=args.dry_run, actor="cli",
+                   store=open_store(settings, spool))
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} {report.files} file(s), {report.bytes} bytes, of {report.studies} "
           f"study(ies) ended more than {days:g} days ago")

@@ -20,6 +20,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from node.logs import LogFormat
+from node.storage import parse_s3_url
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
@@ -216,6 +217,16 @@ class Settings(BaseSettings):
         description="Studies after which a stream whose pack has no drift reference gets "
         "a site baseline (and the default size of one frozen through the API).",
     )
+    storage_url: str | None = Field(
+        default=None,
+        description="Where inference workers read instances: unset, the spool (one host or "
+        "a shared filesystem); s3://bucket/prefix, an S3-compatible object store that the QC "
+        "stage uploads to (credentials from boto3's chain, e.g. AWS_ACCESS_KEY_ID).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible store that is not AWS (MinIO, Ceph RGW).",
+    )
     preload_models: bool = Field(
         default=False,
         description="Load the model packs when a worker process starts (set by 'sononode "
@@ -266,6 +277,19 @@ class Settings(BaseSettings):
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("storage_url", "s3_endpoint_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_s3_url(value.strip())
+            return value.strip()
         return value
 
     @field_validator("device")

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from node import audit
 from node.db import Database, Instance, PurgedStudy, Study, StudyState, utcnow
 from node.spool import Spool
+from node.storage import InstanceStore, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,11 @@ class PurgeReport:
 
 
 def purge(db: Database, spool: Spool, *, days: float, now: datetime | None = None,
-          dry_run: bool = False, actor: str = "scheduler") -> PurgeReport:
-    """Delete the spooled files of studies ended more than ``days`` ago."""
+          dry_run: bool = False, actor: str = "scheduler",
+          store: InstanceStore | None = None) -> PurgeReport:
+    """Delete the spooled files of studies ended more than ``days`` ago, and their copies
+    in a remote ``store`` (first: a study whose copies cannot be deleted now keeps its
+    files and is purged on a later run)."""
     cutoff = (now or utcnow()) - timedelta(days=days)
     studies = files = size = 0
     with db.session() as session:
@@ -44,8 +48,17 @@ def purge(db: Database, spool: Spool, *, days: float, now: datetime | None = Non
             if s.study_instance_uid not in done]
         for study in candidates:
             removed = removed_bytes = 0
-            for row in session.scalars(select(Instance).where(
-                    Instance.study_instance_uid == study.study_instance_uid)):
+            rows = list(session.scalars(select(Instance).where(
+                Instance.study_instance_uid == study.study_instance_uid)))
+            if store is not None and store.remote and not dry_run:
+                try:
+                    for row in rows:
+                        store.delete(row.path)
+                except StorageError as exc:
+                    logger.warning("retention: copies of a study not deleted from %s (%s); "
+                                   "its files are kept until the next run", store.name, exc)
+                    continue
+            for row in rows:
                 try:
                     path = spool.absolute(row.path)
                 except ValueError:

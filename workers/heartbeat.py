@@ -36,9 +36,9 @@ class Capability:
 
 
 def capability(settings: Settings, queues: Sequence[str]) -> Capability:
-    """What a worker consuming ``queues`` can do with ``settings``: a usable device and at
-    least one model pack whose files verify. A worker of the ``cpu`` queue that can
-    analyse gets the inference of a host without a GPU worker
+    """What a worker consuming ``queues`` can do with ``settings``: a usable device, the
+    instance store opens, and at least one model pack whose files verify. A worker of the
+    ``cpu`` queue that can analyse gets the inference of a host without a GPU worker
     (:func:`node.heartbeats.inference_queue`)."""
     from workers.models.packs import resolve_device  # torch: only to probe the device
 
@@ -46,6 +46,15 @@ def capability(settings: Settings, queues: Sequence[str]) -> Capability:
         device = str(resolve_device(settings.device))
     except ValueError as exc:
         return Capability(False, problem=f"SONONODE_DEVICE={settings.device}: {exc}")
+    if settings.storage_url:
+        # The store's reachability is not judged here (an outage is retried per task);
+        # a store this worker cannot open at all (boto3 missing) is a setup problem.
+        from node.storage import S3Store, StorageError
+
+        try:
+            S3Store(settings.storage_url, endpoint_url=settings.s3_endpoint_url)
+        except StorageError as exc:
+            return Capability(False, device=device, problem=str(exc))
     packs, problems = [], []
     for path in settings.effective_model_packs:
         try:

@@ -39,6 +39,7 @@ from node.drift.vendors import scanner_of
 from node.index import analysed_instances
 from node.installation import installation_uid
 from node.spool import Spool, safe_component, write_durably
+from node.storage import InstanceStore, open_store
 from node.tls import client_context
 from workers.drift import study_signals
 from workers.export import send_files
@@ -68,6 +69,9 @@ class SourceImage:
     header: DecodedInstance
     """Identifying header fields, no pixels."""
     path: Path
+    """The spooled file (read by the stages that run beside the spool)."""
+    relative: str = ""
+    """Its spool-relative path: its name in an :class:`node.storage.InstanceStore`."""
 
     @classmethod
     def from_row(cls, row: Instance, spool: Spool) -> SourceImage:
@@ -84,7 +88,7 @@ class SourceImage:
             frame_indices=(),
             frames=NO_FRAMES,
         )
-        return cls(header, spool.absolute(row.path))
+        return cls(header, spool.absolute(row.path), row.path)
 
     @property
     def vendor(self) -> str:
@@ -165,7 +169,15 @@ class WorkerContext:
     db: Database
     spool: Spool
     on_packs_loaded: Callable[[Sequence[ModelPack]], None] = field(default=lambda packs: None)
+    store: InstanceStore | None = None
+    """Where inference reads instances (default: :func:`node.storage.open_store`)."""
     _analyser: Analyser | None = field(default=None, repr=False)
+
+    def instance_store(self) -> InstanceStore:
+        """The store the settings name, opened once."""
+        if self.store is None:
+            self.store = open_store(self.settings, self.spool)
+        return self.store
 
     def analyser(self) -> Analyser:
         """The model packs, loaded once per process on first use."""
@@ -260,17 +272,44 @@ def assess(sources: Sequence[SourceImage], *, max_frames: int,
     return StudyQC(records, assessable=bool(assessable), study_checks=study_checks)
 
 
+def upload_for_inference(store: InstanceStore, sources: Sequence[SourceImage],
+                         study_qc: StudyQC) -> int:
+    """Upload to a remote ``store`` the instances inference will read (those with usable
+    frames); the number uploaded (already there: not counted). Raises
+    :class:`node.storage.StorageError`."""
+    if not store.remote:
+        return 0
+    started, uploaded, size = time.perf_counter(), 0, 0
+    for source in sources:
+        record = study_qc.instances.get(source.header.sop_instance_uid)
+        if record is None or not record.usable_frame_indices:
+            continue
+        if store.upload(source.relative, source.path):
+            uploaded += 1
+            size += source.path.stat().st_size
+    logger.info("uploaded %d instance(s), %d bytes, to %s in %.2f s", uploaded, size,
+                store.name, time.perf_counter() - started)
+    return uploaded
+
+
 def run_qc(ctx: WorkerContext, job_id: int, *,
-           keep: dict[str, DecodedInstance] | None = None) -> QCDone | None:
-    """QC of every analysed instance of the job's study (``keep``: see :func:`assess`)."""
+           keep: dict[str, DecodedInstance] | None = None,
+           replicate: bool = True) -> QCDone | None:
+    """QC of every analysed instance of the job's study (``keep``: see :func:`assess`).
+
+    With a remote store and ``replicate``, the instances inference will read are uploaded
+    before the job moves on (a failed upload leaves the job to be retried).
+    """
     started = time.perf_counter()
     with ctx.db.session() as session:
         job = jobs.pending(session, job_id, JobState.QC_DONE)
         if job is None:
             return None
         study_uid = job.study_instance_uid
-    study_qc = assess(ctx.sources(study_uid), max_frames=ctx.settings.max_frames_per_loop,
-                      keep=keep)
+    sources = ctx.sources(study_uid)
+    study_qc = assess(sources, max_frames=ctx.settings.max_frames_per_loop, keep=keep)
+    if replicate:
+        upload_for_inference(ctx.instance_store(), sources, study_qc)
     with ctx.db.session() as session:
         recorded = jobs.advance(session, job_id, JobState.QC_DONE, qc=study_qc.to_json(),
                                 seconds=time.perf_counter() - started)
@@ -286,10 +325,14 @@ def run_qc(ctx: WorkerContext, job_id: int, *,
 # ----------------------------------------------------------------------------------------
 def analyse(study_uid: str, sources: Sequence[SourceImage], study_qc: StudyQC,
             analyser: Analyser, *, max_frames: int,
-            decoded_by_qc: Mapping[str, DecodedInstance] | None = None) -> Analysis:
+            decoded_by_qc: Mapping[str, DecodedInstance] | None = None,
+            store: InstanceStore | None = None) -> Analysis:
     """Run the model packs on the frames QC found usable, with QC's scan region and mask.
 
-    An instance in ``decoded_by_qc`` (QC ran in this process) is not decoded again.
+    An instance in ``decoded_by_qc`` (QC ran in this process) is not decoded again; the
+    others are read from ``store`` (``None``: the spooled file). A store that cannot be
+    reached raises :class:`node.storage.StorageError` (the stage is retried); an instance
+    missing from it is analysed as one that no longer decodes.
     """
     prepared: list[PreparedInstance] = []
     for source in sources:
@@ -302,7 +345,11 @@ def analyse(study_uid: str, sources: Sequence[SourceImage], study_qc: StudyQC,
             decoded = decoded_by_qc[uid]
         elif record.usable_frame_indices:
             try:
-                decoded = load_instance(source.path, max_frames=max_frames)
+                if store is None:
+                    decoded = load_instance(source.path, max_frames=max_frames)
+                else:
+                    with store.fetch(source.relative) as path:
+                        decoded = load_instance(path, max_frames=max_frames)
             except (PixelDataError, OSError) as exc:
                 logger.warning("%s no longer decodes: %s", uid, exc)
         if decoded is None:
@@ -350,9 +397,13 @@ def flag_drift(result: StudyResult, statuses: Sequence[StreamStatus]) -> StudyRe
 
 
 def run_inference(ctx: WorkerContext, job_id: int, *,
-                  decoded_by_qc: Mapping[str, DecodedInstance] | None = None
-                  ) -> Inferred | None:
-    """Run the model packs on the usable frames of the study and record the result."""
+                  decoded_by_qc: Mapping[str, DecodedInstance] | None = None,
+                  beside_the_spool: bool = False) -> Inferred | None:
+    """Run the model packs on the usable frames of the study and record the result.
+
+    Instances are read from the context's store (:meth:`WorkerContext.instance_store`), or
+    from the spool ``beside_the_spool`` (QC ran in this process, on this host).
+    """
     started = time.perf_counter()
     with ctx.db.session() as session:
         job = jobs.pending(session, job_id, JobState.INFERRED)
@@ -364,7 +415,8 @@ def run_inference(ctx: WorkerContext, job_id: int, *,
         study_uid = job.study_instance_uid
     sources = ctx.sources(study_uid)
     analysis = analyse(study_uid, sources, study_qc, ctx.analyser(),
-                       max_frames=ctx.settings.max_frames_per_loop, decoded_by_qc=decoded_by_qc)
+                       max_frames=ctx.settings.max_frames_per_loop, decoded_by_qc=decoded_by_qc,
+                       store=None if beside_the_spool else ctx.instance_store())
     result = flag_drift(analysis.result, observe_drift(ctx, analysis, sources, study_qc))
     vendors = {s.header.sop_instance_uid: s.vendor for s in sources}
     # Metrics label vendors as drift streams do: normalised, the site's aliases applied.
@@ -390,8 +442,8 @@ def run_analysis(ctx: WorkerContext, job_id: int) -> tuple[QCDone | None, Inferr
     them resumes with inference.
     """
     decoded: dict[str, DecodedInstance] = {}
-    qc_done = run_qc(ctx, job_id, keep=decoded)
-    return qc_done, run_inference(ctx, job_id, decoded_by_qc=decoded)
+    qc_done = run_qc(ctx, job_id, keep=decoded, replicate=False)
+    return qc_done, run_inference(ctx, job_id, decoded_by_qc=decoded, beside_the_spool=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from node.config import get_settings
 from node.db import ExportState, open_database
 from node.jobs import JobGone
 from node.spool import Spool
+from node.storage import StorageError
 from workers import pipeline, signals
 from workers.celery_app import GPU_QUEUE, app
 from workers.dispatch import TaskName, dispatch_export
@@ -32,8 +33,9 @@ from workers.heartbeat import Heartbeat, worker_name
 
 logger = logging.getLogger(__name__)
 
-#: Errors worth retrying for the job stages: the database was briefly unavailable.
-TRANSIENT_JOB_ERRORS = (OperationalError,)
+#: Errors worth retrying for the job stages: the database or the object store was briefly
+#: unavailable.
+TRANSIENT_JOB_ERRORS = (OperationalError, StorageError)
 
 _context: pipeline.WorkerContext | None = None
 
