@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from workers.models.manifest import PackError, read_manifest, verify_files
+from workers.models.manifest import PackError, abstention_rules, read_manifest, verify_files
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -50,6 +50,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             for name, t in m.tasks.items()
         },
         "ood": None if m.ood is None else {"threshold": m.ood.threshold, "tpr": m.ood.tpr},
+        "abstention": abstention_rules(m),
         "simulated_training_data": m.simulated,
         "verified": True,
     }

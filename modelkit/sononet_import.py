@@ -30,7 +30,13 @@ from modelkit.pack_writer import write_pack
 from workers.imaging.pixels import PixelDataError, load_instance, sample_frames
 from workers.imaging.qc import assess_instance
 from workers.imaging.types import Box, DecodedInstance, PreparedInstance
-from workers.models.manifest import FORMAT_VERSION, CaptureLayout, Manifest, Region
+from workers.models.manifest import (
+    FORMAT_VERSION,
+    CaptureLayout,
+    Manifest,
+    Region,
+    abstention_rules,
+)
 from workers.models.ood import EnergyScorer
 from workers.models.packs import ModelPack
 from workers.models.preprocess import model_input
@@ -656,6 +662,10 @@ def _model_card(manifest: dict[str, Any]) -> str:
         "Calibration: none (temperature 1.0). No fetal data was available here to calibrate "
         "or evaluate on; probabilities are the network's raw softmax.\n\n"
         f"{ood_text}{example_text}"
+        "\nWhen the node withholds or doubts a result (in this order):\n\n"
+        + "".join(f"- {rule}\n" for rule in abstention_rules(
+            Manifest.from_dict({**manifest, "format_version": FORMAT_VERSION,
+                                "members": [{"weights": "weights.pt", "sha256": "0" * 64}]})))
     )
 
 

@@ -110,6 +110,17 @@ def test_invalid_json_is_refused(pack_dir: Path, tmp_path: Path) -> None:
             lambda d: d["tasks"]["nodule"]["operating_point"].__setitem__("label", "cyst"),
             "'cyst' is not one of",
         ),
+        (
+            lambda d: d["input"].__setitem__(
+                "layouts", [{"rows": 100, "columns": 200, "crop": [0, 0, 201, 50]}]),
+            r"layouts\[0\]\.crop must be \[column0, row0, column1, row1\] integers inside",
+        ),
+        (
+            lambda d: d["input"].update(
+                region="full_frame",
+                layouts=[{"rows": 100, "columns": 200, "crop": [0, 0, 200, 50]}]),
+            "layouts needs region 'scan_region'",
+        ),
     ],
 )
 def test_invalid_manifest_is_refused_with_clear_message(
@@ -165,3 +176,33 @@ def test_frames_must_be_unit_range_or_uint8() -> None:
     assert to_unit_grey(np.full((10, 10, 3), 255, np.uint8)).max() == pytest.approx(1.0, abs=1e-3)
     with pytest.raises(ValueError, match="shape"):
         to_unit_grey(np.zeros((2, 3, 4, 5), np.float32))
+
+
+def test_each_pack_states_when_it_abstains(pack_dir: Path) -> None:
+    """One rule per pack, from its manifest: QC, the OOD threshold, the labels never
+    reported, operating points and confidence floors, drift; served by /models."""
+    from workers.models.manifest import (
+        TaskKind,
+        abstention_rules,
+        describe_packs,
+        read_manifest,
+    )
+
+    manifest = read_manifest(pack_dir)
+    rules = abstention_rules(manifest)
+    assert rules[0].startswith("QC fails the image")
+    assert rules[-1].startswith("While the vendor, scanner and pack are in drift alert")
+    if manifest.ood is None:
+        assert any("No out-of-distribution detector" in r for r in rules)
+    else:
+        assert any(f"above {manifest.ood.threshold:g}" in r for r in rules)
+    for task in manifest.tasks.values():
+        if task.kind is not TaskKind.CLASSIFICATION:
+            continue  # a quality score is recorded, never decided on
+        title = task.name.replace("_", " ").capitalize()
+        assert any(r.startswith(f"{title} below {task.threshold:.0%} probability")
+                   for r in rules), task.name
+        if task.operating_point is not None:
+            assert any(f"at least {task.operating_point.threshold:.1%}" in r for r in rules)
+    (entry,) = describe_packs([pack_dir])
+    assert entry["abstention"] == rules

@@ -345,6 +345,10 @@ def test_import_writes_verified_pack(tmp_path: Path) -> None:
     assert view["abstain_labels"] == ["Background"]
     assert manifest["training_data"]["simulated"] is False
     assert manifest["license"] == "Apache-2.0" and "1612.05601" in manifest["citation"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "When the node withholds or doubts a result" in card
+    assert "View 'Background' is never the image's result" in card
+    assert "No out-of-distribution detector" in card  # imported with --no-ood
     state = torch.load(out / "weights.pt", weights_only=True)
     expected = load_npz_state_dict(NPZ)
     for key, value in expected.items():

@@ -668,6 +668,52 @@ def verify_files(folder: str | Path, manifest: Manifest) -> None:
             )
 
 
+def abstention_rules(manifest: Manifest) -> list[str]:
+    """When the node withholds or doubts this pack's results, in the order it decides:
+    one rule per pack, combining QC, the OOD score, the labels it never reports and the
+    confidence floors (what :class:`workers.models.inference.Analyser` does with it, and
+    what ``/models`` and the model card show)."""
+    rules = [
+        "QC fails the image (no scan region, blank or saturated, too small...): not "
+        "assessable; no view and no finding are reported; the image needs review."
+    ]
+    ood = manifest.ood
+    if ood is not None:
+        share = f", set to keep {ood.tpr:.0%} of in-distribution frames" if ood.tpr else ""
+        rules.append(
+            f"{ood.method.value.capitalize()} score above {ood.threshold:g}{share}: out of "
+            "distribution; no view and no finding are reported; the image needs review."
+        )
+    else:
+        rules.append("No out-of-distribution detector: unfamiliar input is caught only by "
+                     "QC and the rules below.")
+    for task in manifest.tasks.values():
+        if task.kind is not TaskKind.CLASSIFICATION:
+            continue
+        title = task.name.replace("_", " ")
+        for label in sorted(task.abstain_labels):
+            rules.append(f"{title.capitalize()} '{label}' is never the image's result: it is "
+                         "shown as the best guess with its probability, marked not "
+                         "confident; the image needs review.")
+        if task.applies_to is not None:
+            rules.append(f"{title.capitalize()} is assessed only on the views "
+                         f"{', '.join(task.applies_to)}, and not confidently while the view "
+                         "is uncertain.")
+        op = task.operating_point
+        if op is not None:
+            rules.append(f"{title.capitalize()} '{op.label}' is called when its probability "
+                         f"is at least {op.threshold:.1%} ({op.method}), never withheld for "
+                         "low probability.")
+        rules.append(
+            f"{title.capitalize()} below {task.threshold:.0%} probability (or "
+            "SONONODE_REVIEW_CONFIDENCE if higher): the best guess is shown with its "
+            "probability, marked not confident; the image needs review."
+        )
+    rules.append("While the vendor, scanner and pack are in drift alert, every result needs "
+                 "review and says why.")
+    return rules
+
+
 def describe_packs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     """For ``/models``: per pack folder its manifest (without the OOD statistics' details)
     and sha256, or the error that keeps it from loading."""
@@ -678,7 +724,8 @@ def describe_packs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         except PackError as exc:
             described.append({"path": str(path), "error": str(exc)})
             continue
-        entry = {"path": str(path), **manifest.raw, "manifest_sha256": manifest.sha256}
+        entry = {"path": str(path), **manifest.raw, "manifest_sha256": manifest.sha256,
+                 "abstention": abstention_rules(manifest)}
         entry.pop("ood_stats", None)
         described.append(entry)
     return described
