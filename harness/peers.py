@@ -284,3 +284,16 @@ def dcmsend(port: int, files: list[Path], *, aet: str = "SONONODE", check: bool 
     if check and result.returncode != 0:
         raise AssertionError(f"dcmsend failed ({result.returncode}): {result.stderr}")
     return result
+
+
+def terminate(processes: list[subprocess.Popen[bytes]], *, timeout: float = 30) -> None:
+    """SIGTERM every process, then wait for each (killed after ``timeout`` seconds)."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)

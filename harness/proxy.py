@@ -2,15 +2,20 @@
 
 ``with TcpProxy(target_port) as proxy``: connect to ``proxy.port`` instead of the target;
 :meth:`TcpProxy.cut` closes every relayed connection and refuses new ones (the peer is
-down), :meth:`TcpProxy.restore` accepts again.
+down), :meth:`TcpProxy.restore` accepts again. Given several target ports it spreads the
+connections over them in turn, as a Service or load balancer in front of several
+listeners does (:attr:`TcpProxy.connections` counts them per target).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import select
 import socket
 import threading
+from collections import Counter
+from collections.abc import Sequence
 from types import TracebackType
 
 from harness.peers import get_port
@@ -19,8 +24,14 @@ from harness.peers import get_port
 class TcpProxy:
     """Relays ``127.0.0.1:port`` to ``target_host:target_port`` while up."""
 
-    def __init__(self, target_port: int, *, target_host: str = "127.0.0.1") -> None:
-        self.target = (target_host, target_port)
+    def __init__(self, target_port: int | Sequence[int], *,
+                 target_host: str = "127.0.0.1") -> None:
+        ports = [target_port] if isinstance(target_port, int) else list(target_port)
+        self.targets = [(target_host, port) for port in ports]
+        self.target = self.targets[0]
+        self.connections: Counter[int] = Counter()
+        """Connections relayed so far, by target port."""
+        self._next = itertools.cycle(self.targets)
         self.port = get_port()
         self._up = threading.Event()
         self._stop = threading.Event()
@@ -78,13 +89,15 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 continue
+            target = next(self._next)
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = socket.create_connection(target, timeout=5)
             except OSError:
                 client.close()
                 continue
             with self._lock:
                 self._pairs.append((client, upstream))
+                self.connections[target[1]] += 1
             threading.Thread(target=self._relay, args=(client, upstream), daemon=True).start()
 
     def _relay(self, a: socket.socket, b: socket.socket) -> None:

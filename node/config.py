@@ -217,6 +217,11 @@ class Settings(BaseSettings):
         description="Studies after which a stream whose pack has no drift reference gets "
         "a site baseline (and the default size of one frozen through the API).",
     )
+    listener_name: str | None = Field(
+        default=None,
+        description="This listener's folder under <data>/incoming (default: the host name); "
+        "give each its own where several listeners on one host share a data folder.",
+    )
     storage_url: str | None = Field(
         default=None,
         description="Where inference workers read instances: unset, the spool (one host or "
@@ -327,10 +332,11 @@ class Settings(BaseSettings):
     @property
     def incoming_dir(self) -> Path:
         """Temporary files being received: ``<data_dir>/incoming/<host name>`` (same
-        filesystem as the spool, for atomic rename). One folder per listener host, so that
-        listeners sharing one data folder (several behind one address) never sweep each
-        other's transfers."""
-        host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "host"
+        filesystem as the spool, for atomic rename). One folder per listener
+        (``SONONODE_LISTENER_NAME``, else the host name), so that listeners sharing one
+        data folder (several behind one address) never sweep each other's transfers."""
+        name = self.listener_name or socket.gethostname()
+        host = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64].lstrip(".") or "host"
         return self.data_dir / "incoming" / host
 
     @property

@@ -405,6 +405,11 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+#: PostgreSQL advisory lock key held while the schema is created (any fixed number that
+#: no other application on the server uses for a lock: "sononode" in ASCII).
+SCHEMA_LOCK_KEY = 0x736F6E6F6E6F6465
+
+
 class Database:
     """Engine plus session factory for one process."""
 
@@ -414,8 +419,25 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        """Create missing tables (idempotent; every process calls it on start)."""
-        Base.metadata.create_all(self.engine)
+        """Create missing tables (idempotent; every process calls it on start).
+
+        Roles starting at once on a new database (two listeners, the workers) would race
+        to create the same tables: on PostgreSQL the creation holds a transaction-level
+        advisory lock, so one creates and the others find the tables; SQLite serialises
+        writers itself, and a loser of the check-then-create race tries once more.
+        """
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as connection:
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": SCHEMA_LOCK_KEY})
+                Base.metadata.create_all(connection)
+            return
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            if "already exists" not in str(exc):
+                raise
+            Base.metadata.create_all(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from harness.databases import create_postgres, drop_postgres
-from harness.peers import Orthanc, dcmsend, get_port, port_open, wait_for
+from harness.peers import Orthanc, dcmsend, get_port, port_open, terminate, wait_for
 from node import heartbeats
 from node.config import Settings
 from node.db import Job, JobState, Study, StudyState, open_database, utcnow
@@ -296,13 +295,7 @@ def test_a_gpu_host_without_the_spool_analyses_through_the_object_store(
         assert len(analysed) == 3
         db.dispose()
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        terminate(processes)
         drop_postgres(database)
 
 
