@@ -17,7 +17,9 @@ CPU seconds per instance (user + system, from ``/proc``), then the ratios of the
     python bench/receive.py [--instances 200] [--repeat 3] [--loops 0] [--frames 120]
                             [--concurrent 20]
 
-``--loops N`` sends studies of N cine loops of ``--frames`` frames instead of stills.
+``--loops N`` sends studies of N cine loops of ``--frames`` frames instead of stills
+(``--loops 1 --frames 1100``: one loop of about 1 GB); the node listener's peak resident
+memory (``VmHWM``) before and after is printed with the rates.
 ``--concurrent N`` also sends N studies at once (one association each) to the node and to
 bare pynetdicom and prints the aggregate rates, the most associations seen open at once
 and the node listener's peak resident memory (``VmHWM``).
@@ -178,6 +180,7 @@ def main() -> None:
             assert orthanc.process is not None
             receivers.append(Receiver("orthanc", orthanc.dicom_port, orthanc.aet,
                                       orthanc.process.pid, orthanc.stop))
+        rss_before = _peak_rss_mb(receivers[0].pid)
         try:
             for files in studies:  # interleaved, so that load changes hit all alike
                 for receiver in receivers:
@@ -191,6 +194,10 @@ def main() -> None:
                 print(f"{r.name:10s} instances/s: median {rates[r.name]:7.1f} (runs "
                       f"{', '.join(f'{x:.1f}' for x in r.rates)}); CPU per instance "
                       f"{statistics.median(r.cpu_per_instance) * 1000:.1f} ms")
+            largest = max(f.stat().st_size for files in studies for f in files) / 1e6
+            print(f"sononode listener peak RSS {rss_before:.0f} MB before, "
+                  f"{_peak_rss_mb(receivers[0].pid):.0f} MB after (largest instance "
+                  f"{largest:.0f} MB)")
             print(f"sononode / pynetdicom: {rates['sononode'] / rates['pynetdicom']:.2f}")
             if "orthanc" in rates:
                 print(f"sononode / Orthanc:    {rates['sononode'] / rates['orthanc']:.2f}")

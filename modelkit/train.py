@@ -584,7 +584,9 @@ REFERENCE_TRAIN_STUDIES = 900
 REFERENCE_CALIBRATION_STUDIES = 400
 REFERENCE_TEST_STUDIES = 500
 #: 1.3.1: the weights of 1.3.0, the apical four-chamber view coded with SNOMED CT.
-REFERENCE_VERSION = "1.3.1"
+#: 1.3.2: the weights of 1.3.0, the drift reference refitted with the expected share of
+#: malignant nodules (``nodule_severe``) on a slow chart.
+REFERENCE_VERSION = "1.3.2"
 #: View mix of the reference pack's training data (order of ``VIEW_LABELS``): 70 % thyroid
 #: frames, because the nodule head learns only from them and needs by far the most gradient
 #: steps; the other views are learnt from a few hundred frames each.

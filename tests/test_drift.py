@@ -29,7 +29,13 @@ from node.drift.reference import (
     fit_projection,
     group_key,
 )
-from node.drift.signals import ImageSignals, StudySignals, catalogue
+from node.drift.signals import (
+    ALLOWANCE,
+    SLOW_ALLOWANCE,
+    ImageSignals,
+    StudySignals,
+    catalogue,
+)
 from node.drift.vendors import normalise, scanner_of
 from workers.pipeline import flag_drift
 
@@ -88,6 +94,56 @@ def _statuses(reference: Reference, studies: Sequence[list[ImageSignals]]) -> li
         state = result.state
         out.append(bool(result.reasons))
     return out
+
+
+def _finding_study(rng: np.random.Generator, *, malignant: float = 0.25) -> list[ImageSignals]:
+    """A study whose thyroid images (1 to 4) carry a nodule finding head with labels none,
+    benign and malignant; the classifier's probability of malignant overlaps between the
+    classes as a real one's does (AUC about 0.8)."""
+    images = []
+    for _ in range(int(rng.integers(1, 5))):
+        kind = rng.choice(3, p=[(1 - malignant) * 0.53, (1 - malignant) * 0.47, malignant])
+        p_malignant = float(rng.beta(*((1.2, 6.0), (2.0, 4.0), (3.5, 2.5))[kind]))
+        label = "malignant" if p_malignant > 0.5 else ("benign", "none")[int(rng.random() < 0.5)]
+        values: dict[str, float | str | None] = {
+            "intensity_mean": 100 + rng.normal(0, 8),
+            "nodule_mix": label,
+            "nodule_confidence": max(p_malignant, 1 - p_malignant),
+            "nodule_severe": p_malignant,
+        }
+        images.append(ImageSignals(values))
+    return images
+
+
+def test_a_doubled_prevalence_alarms_on_the_slow_chart_of_the_severe_share() -> None:
+    """Twice the malignant nodules: the expected share of the most severe finding, on its
+    slow chart, alarms, and says so."""
+    specs = catalogue(("nodule",))
+    assert specs["nodule_severe"].allowance == SLOW_ALLOWANCE < ALLOWANCE
+    rng = np.random.default_rng(5)
+    group = fit_group([_finding_study(rng) for _ in range(300)], specs, vendor="acme",
+                      scanner="x1", seed=3)
+    severe = group.signals["nodule_severe"]
+    assert severe.allowance == SLOW_ALLOWANCE
+    again = SignalReference.from_json("nodule_severe", json.loads(json.dumps(severe.to_json())))
+    assert again.allowance == SLOW_ALLOWANCE and again.to_json() == severe.to_json()
+    delays = []
+    for replicate in range(5):
+        stream = np.random.default_rng(100 + replicate)
+        state: dict[str, object] = {}
+        for _ in range(60):  # the usual prevalence: quiet
+            result = step(group, state, _finding_study(stream))
+            state = result.state
+            assert not result.reasons
+        for i in range(300):
+            result = step(group, state, _finding_study(stream, malignant=0.5))
+            state = result.state
+            if result.scores.get("nodule_severe", 0.0) >= 1.0:
+                assert "expected share of the most severe nodule finding higher than the " \
+                    "reference" in result.reasons
+                delays.append(i + 1)
+                break
+    assert len(delays) == 5 and float(np.median(delays)) <= 100, delays
 
 
 def test_vendor_names_are_normalised_and_aliased() -> None:

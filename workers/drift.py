@@ -48,6 +48,8 @@ def output_values(image: ImageResult, outputs: PackOutputs | None) -> dict[str, 
     for head, label in outputs.labels.items():
         values[f"{head}_mix"] = label
         values[f"{head}_confidence"] = outputs.confidence[head]
+    for head, probability in outputs.severe.items():
+        values[f"{head}_severe"] = probability
     values["ood_score"] = outputs.ood_score
     values["ood_rate"] = 1.0 if outputs.out_of_distribution else 0.0
     values["review_rate"] = 1.0 if image.needs_review else 0.0

@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session
 
 from node.db import DriftObservation, DriftStream, utcnow
 from node.drift.reference import (
-    ALLOWANCE,
     GroupReference,
     Match,
     Reference,
@@ -117,6 +116,10 @@ def compared_with(stream: DriftStream, reference: Reference | None) -> Match | N
 
 def _describe(spec_name: str, kind: SignalKind, up: bool) -> str:
     title = spec_name.replace("_", " ")
+    if spec_name.endswith("_severe"):
+        head = spec_name.removesuffix("_severe").replace("_", " ")
+        return (f"expected share of the most severe {head} finding "
+                f"{'higher' if up else 'lower'} than the reference")
     if kind is SignalKind.EMBEDDING:
         return "image embedding shifted away from the reference"
     if kind is SignalKind.CATEGORY:
@@ -130,11 +133,11 @@ def _update(signal: SignalReference, previous: Sequence[Any] | None,
     """New state ``[S+, S-, t, score, direction]``, the score (the larger statistic over its
     threshold) and the alarming direction (``"up"``, ``"down"`` or ``None``)."""
     up, down = (float(previous[0]), float(previous[1])) if previous else (0.0, 0.0)
-    up = min(max(0.0, up + t - ALLOWANCE), CAP_FACTOR * signal.h_up)
+    up = min(max(0.0, up + t - signal.allowance), CAP_FACTOR * signal.h_up)
     score_up = up / signal.h_up
     score_down = 0.0
     if signal.h_down is not None:
-        down = min(max(0.0, down - t - ALLOWANCE), CAP_FACTOR * signal.h_down)
+        down = min(max(0.0, down - t - signal.allowance), CAP_FACTOR * signal.h_down)
         score_down = down / signal.h_down
     else:
         down = 0.0

@@ -32,11 +32,9 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from node.drift.signals import ImageSignals, SignalKind, SignalSpec
+from node.drift.signals import ALLOWANCE, ImageSignals, SignalKind, SignalSpec
 
 REFERENCE_VERSION = 1
-ALLOWANCE = 0.5
-"""CUSUM allowance ``k`` in standard deviations of ``t``: tuned to shifts of one."""
 CAP = 3.0
 """Largest score one image contributes, in its own standard deviations."""
 RUN_LENGTH = 1000
@@ -76,6 +74,8 @@ class SignalReference:
     h_up: float
     h_down: float | None
     """Alarm thresholds of the upper and lower CUSUM (``None``: one-sided)."""
+    allowance: float = ALLOWANCE
+    """The CUSUM allowance ``k`` its thresholds were set for."""
     quantiles: tuple[float, ...] = ()
     probabilities: Mapping[str, float] = field(default_factory=dict)
     unseen: float = 0.0
@@ -143,6 +143,8 @@ class SignalReference:
             "h_up": round(self.h_up, 4),
             "h_down": None if self.h_down is None else round(self.h_down, 4),
         }
+        if self.allowance != ALLOWANCE:
+            out["allowance"] = self.allowance
         if self.kind is SignalKind.NUMERIC:
             out["quantiles"] = [float(f"{v:.6g}") for v in self.quantiles]
         elif self.kind is SignalKind.CATEGORY:
@@ -168,6 +170,7 @@ class SignalReference:
             t_sd=float(data["t_sd"]),
             h_up=float(data["h_up"]),
             h_down=None if data.get("h_down") is None else float(data["h_down"]),
+            allowance=float(data.get("allowance", ALLOWANCE)),
             quantiles=tuple(float(v) for v in data.get("quantiles", ())),
             probabilities={str(k): float(v) for k, v in data.get("probabilities", {}).items()},
             unseen=float(data.get("unseen", 0.0)),
@@ -398,10 +401,12 @@ def _distribution(spec: SignalSpec, images: Sequence[ImageSignals]) -> SignalRef
 
 
 def cusum_maxima(values: np.ndarray, *, runs: int, length: int, rng: np.random.Generator,
-                 offset_sd: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Largest upper and lower CUSUM statistic over ``length`` studies in ``runs`` bootstrap
-    runs drawn from the standardised ``values``. Each run is offset by a draw of
-    ``N(0, offset_sd)``: the uncertainty of the mean the values were standardised with."""
+                 offset_sd: float = 0.0, allowance: float = ALLOWANCE
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Largest upper and lower CUSUM statistic (allowance ``allowance``) over ``length``
+    studies in ``runs`` bootstrap runs drawn from the standardised ``values``. Each run is
+    offset by a draw of ``N(0, offset_sd)``: the uncertainty of the mean the values were
+    standardised with."""
     offsets = rng.normal(0.0, offset_sd, size=runs) if offset_sd > 0 else np.zeros(runs)
     up = np.zeros(runs)
     down = np.zeros(runs)
@@ -409,8 +414,8 @@ def cusum_maxima(values: np.ndarray, *, runs: int, length: int, rng: np.random.G
     max_down = np.zeros(runs)
     for _ in range(length):
         x = values[rng.integers(0, values.size, size=runs)] + offsets
-        up = np.maximum(0.0, up + x - ALLOWANCE)
-        down = np.maximum(0.0, down - x - ALLOWANCE)
+        up = np.maximum(0.0, up + x - allowance)
+        down = np.maximum(0.0, down - x - allowance)
         np.maximum(max_up, up, out=max_up)
         np.maximum(max_down, down, out=max_down)
     return max_up, max_down
@@ -470,22 +475,27 @@ def fit_group(
     # interpretation) has no spread to calibrate with: its statistic is tested as if it
     # were standard normal, so a change of all its images alarms within a few studies and
     # one odd image never does.
-    gauss_up, gauss_down = cusum_maxima(rng.standard_normal(4096), runs=_BOOTSTRAP_RUNS,
-                                        length=RUN_LENGTH, rng=rng)
+    gauss: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     signals: dict[str, SignalReference] = {}
     for name, (draft, t) in drafts.items():
         mean, sd = float(t.mean()), float(t.std(ddof=1))
+        allowance = specs[name].allowance
         if sd < _DEGENERATE_SD:
-            max_up, max_down, mean, sd = gauss_up, gauss_down, 0.0, 1.0
+            if allowance not in gauss:
+                gauss[allowance] = cusum_maxima(rng.standard_normal(4096), runs=_BOOTSTRAP_RUNS,
+                                                length=RUN_LENGTH, rng=rng, allowance=allowance)
+            (max_up, max_down), mean, sd = gauss[allowance], 0.0, 1.0
         else:
             z = (t - mean) / sd
             max_up, max_down = cusum_maxima(z, runs=_BOOTSTRAP_RUNS, length=RUN_LENGTH, rng=rng,
-                                            offset_sd=1.0 / math.sqrt(z.size))
+                                            offset_sd=1.0 / math.sqrt(z.size),
+                                            allowance=allowance)
         h_up = float(np.quantile(max_up, 1 - alpha))
         h_down = None if draft.kind is SignalKind.EMBEDDING else float(
             np.quantile(max_down, 1 - alpha))
         signals[name] = replace(draft, t_mean=mean, t_sd=sd, h_up=max(h_up, 1.0),
-                                h_down=None if h_down is None else max(h_down, 1.0))
+                                h_down=None if h_down is None else max(h_down, 1.0),
+                                allowance=allowance)
 
     confidence: dict[str, float] = {}
     for name in specs:

@@ -17,14 +17,16 @@ from sqlalchemy.orm import Session
 
 from node.db import Database, DriftObservation, DriftStream
 from node.drift.monitor import Status
-from node.drift.reference import ALLOWANCE, DEFAULT_FALSE_ALARMS, RUN_LENGTH
-from node.drift.signals import describe
+from node.drift.reference import DEFAULT_FALSE_ALARMS, RUN_LENGTH
+from node.drift.signals import ALLOWANCE, SLOW_ALLOWANCE, describe
 
 METHOD = (
     "Per vendor, scanner and model pack, each study's signals (input statistics, prediction "
     "mix and confidence per head, OOD score, embedding, QC-fail/OOD/review rates) are "
     "compared with a reference (the pack's reference studies, or a site baseline) and fed "
-    f"to a two-sided CUSUM per signal (allowance {ALLOWANCE} sd). Thresholds are set by "
+    f"to a two-sided CUSUM per signal (allowance {ALLOWANCE} sd; {SLOW_ALLOWANCE} sd for the "
+    "expected share of each finding's most severe label, to see a changed prevalence). "
+    "Thresholds are set by "
     "bootstrap on reference studies not used to fit the distributions, so that a stream "
     f"without shift has at most {DEFAULT_FALSE_ALARMS} false-alarm episode(s) per "
     f"{RUN_LENGTH} studies (all its signals together)."

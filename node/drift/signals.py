@@ -29,6 +29,15 @@ class SignalKind(StrEnum):
     """A vector: the shift of its mean, whitened by the reference (one-sided)."""
 
 
+#: CUSUM allowance ``k`` of a signal's charts, in standard deviations of its study
+#: statistic: tuned to shifts of one.
+ALLOWANCE = 0.5
+#: The allowance of the slow charts: tuned to persistent shifts of about 0.6 standard
+#: deviations per study (a doubled prevalence), which charts with :data:`ALLOWANCE` see
+#: later and less surely (median 80 against 56 studies in one trial, ``docs/DRIFT.md``).
+SLOW_ALLOWANCE = 0.3
+
+
 @dataclass(frozen=True)
 class SignalSpec:
     """One monitored signal."""
@@ -36,6 +45,8 @@ class SignalSpec:
     name: str
     kind: SignalKind
     description: str
+    allowance: float = ALLOWANCE
+    """CUSUM allowance of its charts."""
 
 
 #: Input statistics and rates every stream has; the per-head signals are added by
@@ -57,14 +68,30 @@ OUTPUT_SIGNALS: tuple[SignalSpec, ...] = (
 )
 
 
+#: Suffixes of the per-head signals, in :func:`head_signals`' order.
+HEAD_SUFFIXES = ("_mix", "_confidence", "_severe")
+
+
 def head_signals(heads: Sequence[str]) -> tuple[SignalSpec, ...]:
-    """The prediction mix and confidence signals of classification heads ``heads``."""
+    """The prediction mix, confidence and severe-probability signals of classification
+    heads ``heads``.
+
+    ``<head>_severe``, measured only for finding heads with one most severe label, is the
+    calibrated probability of that label, tested as a rate: its mean is the share of
+    images with the finding to expect, and a linear score of it is the locally most
+    powerful test of a change of the finding's prevalence (a label shift). Its charts are
+    slow (:data:`SLOW_ALLOWANCE`): twice the malignant nodules move its study statistic
+    by about 0.5 to 0.6 standard deviations (``docs/DRIFT.md``).
+    """
     out: list[SignalSpec] = []
     for head in heads:
         title = head.replace("_", " ")
         out.append(SignalSpec(f"{head}_mix", SignalKind.CATEGORY, f"Predicted {title} mix"))
         out.append(SignalSpec(f"{head}_confidence", SignalKind.NUMERIC,
                               f"Calibrated probability of the predicted {title}"))
+        out.append(SignalSpec(f"{head}_severe", SignalKind.RATE,
+                              f"Expected share of the most severe {title} (mean calibrated "
+                              "probability)", allowance=SLOW_ALLOWANCE))
     return tuple(out)
 
 
@@ -118,7 +145,7 @@ def describe(name: str) -> str:
     for spec in (*INPUT_SIGNALS, *OUTPUT_SIGNALS):
         if spec.name == name:
             return spec.description
-    for index, suffix in enumerate(("_mix", "_confidence")):
+    for index, suffix in enumerate(HEAD_SUFFIXES):
         if name.endswith(suffix):
             return head_signals([name.removesuffix(suffix)])[index].description
     return name.replace("_", " ")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -101,6 +101,10 @@ class PackOutputs:
     ood_score: float | None
     out_of_distribution: bool
     embedding: np.ndarray
+    severe: dict[str, float] = field(default_factory=dict)
+    """Per finding head that applies and has one most severe label (severity > 0), that
+    label's calibrated probability averaged over the frames: what a change of prevalence
+    moves first."""
 
 
 @dataclass(frozen=True)
@@ -435,6 +439,7 @@ def _outputs(pack: ModelPack, prediction: Prediction | None) -> PackOutputs | No
         return None
     labels: dict[str, str] = {}
     confidence: dict[str, float] = {}
+    severe: dict[str, float] = {}
     view_label: str | None = None
     heads = [t for t in pack.tasks.values() if t.kind is TaskKind.CLASSIFICATION]
     # The view first: finding heads apply to the views they are for.
@@ -449,13 +454,17 @@ def _outputs(pack: ModelPack, prediction: Prediction | None) -> PackOutputs | No
             continue
         labels[task.name] = label
         confidence[task.name] = float(mean[best])
+        severities = [lab.severity for lab in task.labels]
+        top = max(severities)
+        if task.role is TaskRole.FINDING and top > 0 and severities.count(top) == 1:
+            severe[task.name] = float(mean[severities.index(top)])
     score = None if prediction.ood_score is None else float(np.mean(prediction.ood_score))
     flagged = bool(
         score is not None and pack.manifest.ood is not None and score > pack.manifest.ood.threshold
     )
     embedding = np.asarray(prediction.embedding, np.float64)
     return PackOutputs(labels, confidence, score, flagged,
-                       embedding.reshape(embedding.shape[0], -1).mean(axis=0))
+                       embedding.reshape(embedding.shape[0], -1).mean(axis=0), severe)
 
 
 def _title(task: str) -> str:
