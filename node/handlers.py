@@ -328,8 +328,9 @@ def check_complete(path: Path, ds: Dataset | None = None) -> None:
         # pydicom drops an encapsulated value cut before its delimiter (with a warning).
         raise ValueError("image without pixel data: missing or truncated")
     for tag in list(ds.keys()):
-        # get_item returns the raw element without reading a deferred value.
-        raw = ds.get_item(tag)
+        # The raw element, its deferred value left unread (keep_deferred): a cine loop's
+        # pixel data is never loaded here, so memory stays flat however large it is.
+        raw = ds.get_item(tag, keep_deferred=True)
         tell = getattr(raw, "value_tell", None)
         length = getattr(raw, "length", None)
         if tell is None or length is None:
@@ -343,10 +344,32 @@ def check_complete(path: Path, ds: Dataset | None = None) -> None:
                         handle.seek(tell + len(value))
                         if handle.read(4) != _SEQUENCE_DELIMITER:
                             raise ValueError(f"element {tag}: no sequence delimiter (truncated)")
+            elif value is None and not deflated:
+                _check_items_in_file(path, tell, size, tag)
         elif not deflated and tell + length > size:
             raise ValueError(
                 f"element {tag} declares {length} bytes at offset {tell}, file has {size} bytes"
             )
+
+
+def _check_items_in_file(path: Path, tell: int, size: int, tag: object) -> None:
+    """Walk the items of a deferred encapsulated value in the file from ``tell`` by their
+    headers only (8 bytes each, the fragments skipped): every item complete, then the
+    sequence delimiter."""
+    with open(path, "rb") as handle:
+        offset = tell
+        while True:
+            handle.seek(offset)
+            header = handle.read(8)
+            if len(header) < 8:
+                raise ValueError(f"element {tag}: no sequence delimiter (truncated)")
+            if header[:4] == _SEQUENCE_DELIMITER:
+                return
+            if header[:4] != _ITEM:
+                raise ValueError(f"element {tag}: malformed item at byte {offset - tell}")
+            offset += 8 + int.from_bytes(header[4:8], "little")
+            if offset > size:
+                raise ValueError(f"element {tag}: item at byte {offset - tell} is truncated")
 
 
 def _check_items(value: bytes, tag: object) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fixtures import CT_IMAGE, make_us_dataset, require_tools, write
 from pydicom import dcmread
@@ -145,6 +147,50 @@ def test_check_complete_detects_truncation(tmp_path: Path) -> None:
     path.write_bytes(data[:-1000])
     with pytest.raises(ValueError, match="declares"):
         check_complete(path)
+
+
+def _encapsulated(tmp_path: Path, fragments: int, fragment_bytes: int) -> Path:
+    """A dataset whose encapsulated pixel data (RLE transfer syntax, fragments of random
+    bytes: the check walks items, it does not decode) is larger than the deferral limit."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    rng = np.random.default_rng(1)
+    ds = make_us_dataset(rows=64, cols=64)
+    ds.NumberOfFrames = fragments
+    ds.PixelData = encapsulate([rng.bytes(fragment_bytes) for _ in range(fragments)])
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.save_as(tmp_path / "encapsulated.dcm", enforce_file_format=True)
+    return tmp_path / "encapsulated.dcm"
+
+
+def test_check_complete_walks_large_encapsulated_values_in_the_file(tmp_path: Path) -> None:
+    path = _encapsulated(tmp_path, fragments=40, fragment_bytes=50_000)
+    check_complete(path)
+    data = path.read_bytes()
+    for cut in (len(data) - 4, len(data) - 30_000, len(data) - 150_000):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="truncated|declares|delimiter"):
+            check_complete(path)
+
+
+def test_check_complete_never_loads_the_pixel_data(tmp_path: Path) -> None:
+    """A 20 MB native loop and a 2 MB encapsulated one are checked with memory that does
+    not grow with them (the values are deferred and stay unread)."""
+    native = make_us_dataset(rows=480, cols=640)
+    native.NumberOfFrames = 66
+    native.PixelData = bytes(480 * 640 * 66)
+    paths = [write(native, tmp_path / "native.dcm"),
+             _encapsulated(tmp_path, fragments=40, fragment_bytes=50_000)]
+    for path in paths:
+        tracemalloc.start()
+        try:
+            check_complete(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1_000_000, f"{path.name}: {peak} bytes traced"
 
 
 def test_non_ultrasound_refused_by_default(settings: Settings, db: Database,
