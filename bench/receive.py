@@ -197,7 +197,7 @@ def main() -> None:
             largest = max(f.stat().st_size for files in studies for f in files) / 1e6
             print(f"sononode listener peak RSS {rss_before:.0f} MB before, "
                   f"{_peak_rss_mb(receivers[0].pid):.0f} MB after (largest instance "
-                  f"{largest:.0f} MB)")
+                  f"{largest:.1f} MB)")
             print(f"sononode / pynetdicom: {rates['sononode'] / rates['pynetdicom']:.2f}")
             if "orthanc" in rates:
                 print(f"sononode / Orthanc:    {rates['sononode'] / rates['orthanc']:.2f}")
