@@ -171,7 +171,7 @@ def test_check_complete_walks_large_encapsulated_values_in_the_file(tmp_path: Pa
     data = path.read_bytes()
     for cut in (len(data) - 4, len(data) - 30_000, len(data) - 150_000):
         path.write_bytes(data[:cut])
-        with pytest.raises(ValueError, match="truncated|declares|delimiter"):
+        with pytest.raises(ValueError, match=r"truncated|declares|delimiter"):
             check_complete(path)
 
 
