@@ -40,8 +40,6 @@ from modelkit.drift import (
     BENCH_SEED,
     DOUBLED_MALIGNANT,
     SiteCondition,
-    coarse_probe,
-    gain_shift,
     site_studies,
 )
 from node.db import Database
@@ -49,7 +47,7 @@ from node.drift.monitor import Status, observe, step
 from node.drift.reference import Reference
 from node.drift.signals import ImageSignals, StudySignals
 from node.drift.vendors import scanner_of
-from simulator.vendors import HELD_OUT_VENDOR, TRAINING_VENDORS
+from simulator.vendors import HELD_OUT_VENDOR, TRAINING_VENDORS, acquisition_change
 from workers.models.inference import Analyser
 from workers.models.packs import ModelPack
 
@@ -61,9 +59,12 @@ def shifts(vendor: str) -> dict[str, SiteCondition]:
     """The shifted conditions of ``vendor``'s scanner."""
     return {
         "held-out vendor style": SiteCondition(vendor=vendor, image_style=HELD_OUT_VENDOR),
-        "gain +3 dB": SiteCondition(vendor=vendor, image_style=gain_shift(vendor, 3.0)),
-        "gain +8 dB": SiteCondition(vendor=vendor, image_style=gain_shift(vendor, 8.0)),
-        "coarser probe": SiteCondition(vendor=vendor, image_style=coarse_probe(vendor)),
+        "gain +3 dB": SiteCondition(vendor=vendor,
+                                    image_style=acquisition_change(vendor, "gain+3")),
+        "gain +8 dB": SiteCondition(vendor=vendor,
+                                    image_style=acquisition_change(vendor, "gain+8")),
+        "coarser probe": SiteCondition(vendor=vendor,
+                                       image_style=acquisition_change(vendor, "coarse-probe")),
         "malignant prevalence x2": SiteCondition(vendor=vendor, nodule_weights=DOUBLED_MALIGNANT),
     }
 

@@ -46,6 +46,7 @@ from modelkit.train import (
     train_network,
 )
 from node.drift.reference import DEFAULT_FALSE_ALARMS
+from simulator.vendors import ACQUISITION_CHANGES
 from workers.models.manifest import PackError
 from workers.models.nets import POOLING, MultiTaskMobileNet
 from workers.models.packs import ModelPack
@@ -93,7 +94,8 @@ def _frames(args: argparse.Namespace, input_size: tuple[int, int], *, all_vendor
         from simulator import VENDOR_STYLES
 
         vendors = vendor_names(VENDOR_STYLES)
-    return simulate_frameset(args.simulated, seed=args.seed, input_size=input_size, vendors=vendors)
+    return simulate_frameset(args.simulated, seed=args.seed, input_size=input_size, vendors=vendors,
+                             acquisition=getattr(args, "acquisition", None))
 
 
 def _input_size(pack: Any) -> tuple[int, int]:
@@ -266,15 +268,23 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.acquisition is not None and args.data is not None:
+        raise SystemExit("--acquisition changes simulated images: use it with --simulated")
     pack = ModelPack.load(args.pack, device=args.device)
     frames = _frames(args, _input_size(pack), all_vendors=True)
     result = evaluate_pack(pack, frames, held_out_vendor=_held_out())
+    if args.acquisition is not None:
+        result["acquisition"] = args.acquisition
     out: Path = args.report_dir
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "evaluation.json", to_json(result))
-    (out / "evaluation.md").write_text(markdown_report(result), encoding="utf-8")
+    report = markdown_report(result)
+    if args.acquisition is not None:
+        report = (f"Every simulated image formed under the acquisition change "
+                  f"**{args.acquisition}** of its scanner.\n\n{report}")
+    (out / "evaluation.md").write_text(report, encoding="utf-8")
     plots = write_plots(pack, frames, result, out)
-    print(markdown_report(result))
+    print(report)
     print(
         f"wrote {out / 'evaluation.json'}, {out / 'evaluation.md'} and "
         f"{', '.join(p.name for p in plots)}"
@@ -553,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics, Markdown report and plots")
     p.add_argument("pack", type=Path)
     _add_data_args(p)
+    p.add_argument("--acquisition", choices=ACQUISITION_CHANGES, default=None,
+                   help="with --simulated: form every image under this acquisition change "
+                   "of its scanner (selective prediction under shift)")
     p.add_argument("--report-dir", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)

@@ -170,6 +170,8 @@ class _StudyJob:
     sizes: tuple[tuple[int, int], ...]
     weights: tuple[float, ...]
     view_weights: tuple[float, ...]
+    acquisition: str | None = None
+    """An acquisition change of the vendor's scanner (:data:`simulator.ACQUISITION_CHANGES`)."""
 
 
 _Row = tuple[np.ndarray, int, int, int, float, str]
@@ -187,6 +189,8 @@ def _simulate_study(job: _StudyJob) -> tuple[list[_Row], int]:
     rng = np.random.default_rng([job.seed, job.study])
     context = sim.new_study_context(np.random.default_rng([job.seed, job.study, 1]),
                                     vendor=job.vendor)
+    formed = (sim.acquisition_change(job.vendor, job.acquisition) if job.acquisition
+              else job.vendor)
     out: list[_Row] = []
     excluded = 0
     for k in range(job.images):
@@ -195,7 +199,7 @@ def _simulate_study(job: _StudyJob) -> tuple[list[_Row], int]:
         pattern = LUNG_LABELS[int(rng.integers(3))] if view == "lung" else None
         size = job.sizes[int(rng.choice(len(job.sizes), p=np.asarray(job.weights)))]
         frame = sim.simulate_image(
-            view, vendor=job.vendor, rng=rng, size=size, nodule=nodule, lung_pattern=pattern
+            view, vendor=formed, rng=rng, size=size, nodule=nodule, lung_pattern=pattern
         )
         dataset = sim.build_instance(
             frame,
@@ -248,6 +252,7 @@ def simulate_frameset(
     view_weights: Sequence[float] = SIM_VIEW_WEIGHTS,
     processes: int = 1,
     progress: bool = True,
+    acquisition: str | None = None,
 ) -> FrameSet:
     """Simulate ``n_studies`` studies of ``images_per_study`` frames each, labels balanced.
 
@@ -259,8 +264,13 @@ def simulate_frameset(
     QC and pre-processed by :func:`node_input` at ``input_size`` ``(height, width)``, exactly
     as the node would analyse it; frames QC fails are left out (counted in
     ``FrameSet.qc_excluded``). Study ``s`` uses generator ``(seed, s)``, so the result does
-    not depend on ``processes``.
+    not depend on ``processes``. ``acquisition`` forms every image under one acquisition
+    change of its vendor's scanner (:func:`simulator.acquisition_change`: more gain, a
+    narrower dynamic range, a coarser probe); the headers still name the vendor.
     """
+    if acquisition is not None and acquisition not in sim.ACQUISITION_CHANGES:
+        raise ValueError(f"unknown acquisition change {acquisition!r}; one of "
+                         f"{', '.join(sim.ACQUISITION_CHANGES)}")
 
     if vendors is None:
         vendors = [v for v in vendor_names(sim.VENDOR_STYLES) if v != sim.HELD_OUT_VENDOR]
@@ -278,6 +288,7 @@ def simulate_frameset(
             tuple((int(x[0]), int(x[1])) for x in sizes),
             tuple(size_weights),
             tuple(view_weights),
+            acquisition,
         )
         for s in range(n_studies)
     ]

@@ -39,7 +39,7 @@ from node.drift.reference import (
 from node.drift.signals import ImageSignals, StudySignals, catalogue
 from node.drift.vendors import scanner_of
 from simulator import simulate_study
-from simulator.vendors import TRAINING_VENDORS, VendorStyle, get_vendor
+from simulator.vendors import TRAINING_VENDORS, VendorStyle
 from workers.drift import study_signals
 from workers.imaging.pixels import load_instance
 from workers.models.inference import Analyser, Analysis
@@ -71,21 +71,6 @@ class SiteCondition:
     nodule_weights: tuple[float, float, float] | None = None
     n_images: int = 6
     size: tuple[int, int] = (480, 640)
-
-
-def gain_shift(vendor: str, db: float) -> VendorStyle:
-    """The vendor's style with its overall gain raised by ``db`` dB."""
-    style = get_vendor(vendor)
-    return dataclasses.replace(style, gain_db=style.gain_db + db)
-
-
-def coarse_probe(vendor: str, factor: float = 1.6) -> VendorStyle:
-    """The vendor's style with a coarser probe: point-spread ``factor`` times wider, scan
-    lines ``factor`` times sparser."""
-    style = get_vendor(vendor)
-    return dataclasses.replace(style, psf_axial=style.psf_axial * factor,
-                               psf_lateral=style.psf_lateral * factor,
-                               line_density=style.line_density / factor)
 
 
 #: The simulator's usual thyroid nodule mix (none, benign, malignant) and one with the

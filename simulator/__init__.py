@@ -18,10 +18,18 @@ from simulator.dicom import (
 )
 from simulator.simulate import SimFrame, simulate_image, simulate_loop
 from simulator.study import InstanceLabel, SimulatedStudy, simulate_study
-from simulator.vendors import HELD_OUT_VENDOR, TRAINING_VENDORS, VENDOR_STYLES, VendorStyle
+from simulator.vendors import (
+    ACQUISITION_CHANGES,
+    HELD_OUT_VENDOR,
+    TRAINING_VENDORS,
+    VENDOR_STYLES,
+    VendorStyle,
+    acquisition_change,
+)
 from simulator.views import VIEWS, LungPattern, NoduleClass, View
 
 __all__ = [
+    "ACQUISITION_CHANGES",
     "HELD_OUT_VENDOR",
     "TRAINING_VENDORS",
     "TRANSFER_SYNTAXES",
@@ -35,6 +43,7 @@ __all__ = [
     "StudyContext",
     "VendorStyle",
     "View",
+    "acquisition_change",
     "build_instance",
     "new_study_context",
     "resolve_transfer_syntax",

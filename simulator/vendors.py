@@ -7,6 +7,7 @@ vendor generalisation can be measured on it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
@@ -321,3 +322,35 @@ def grey_map(style: VendorStyle) -> np.ndarray:
         lut = np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
     lut.setflags(write=False)
     return lut
+
+
+#: Acquisition changes of a scanner that a site sees without a new vendor: the overall
+#: gain turned up, a narrower dynamic range (a preset), a coarser probe (point spread
+#: 1.6 times wider, scan lines 1.6 times sparser).
+ACQUISITION_CHANGES: tuple[str, ...] = ("gain+3", "gain+8", "dynamic-range-15",
+                                        "coarse-probe")
+
+
+def acquisition_change(vendor: str | VendorStyle, change: str) -> VendorStyle:
+    """The style of ``vendor``'s scanner under acquisition ``change`` (one of
+    :data:`ACQUISITION_CHANGES`).
+
+    Raises
+    ------
+    ValueError
+        If ``change`` is unknown.
+    """
+    style = get_vendor(vendor)
+    if change == "gain+3":
+        return dataclasses.replace(style, gain_db=style.gain_db + 3.0)
+    if change == "gain+8":
+        return dataclasses.replace(style, gain_db=style.gain_db + 8.0)
+    if change == "dynamic-range-15":
+        return dataclasses.replace(style, dynamic_range_db=max(20.0, style.dynamic_range_db - 15))
+    if change == "coarse-probe":
+        factor = 1.6
+        return dataclasses.replace(style, psf_axial=style.psf_axial * factor,
+                                   psf_lateral=style.psf_lateral * factor,
+                                   line_density=style.line_density / factor)
+    raise ValueError(f"unknown acquisition change {change!r}; one of "
+                     f"{', '.join(ACQUISITION_CHANGES)}")

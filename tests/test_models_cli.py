@@ -204,3 +204,13 @@ def test_train_refuses_too_few_studies_to_split(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit, match="at least 7 studies"):
         _three_way_split(frames, 0)
+
+
+def test_an_acquisition_change_is_for_simulated_images_only(tmp_path: Path) -> None:
+    folder = write_tiny_pack(tmp_path / "pack")
+    with pytest.raises(SystemExit, match="use it with --simulated"):
+        main(["evaluate", str(folder), "--data", str(tmp_path), "--acquisition", "gain+3",
+              "--report-dir", str(tmp_path / "report")])
+    with pytest.raises(SystemExit):  # argparse: not one of the changes
+        main(["evaluate", str(folder), "--simulated", "2", "--acquisition", "gain+30",
+              "--report-dir", str(tmp_path / "report")])

@@ -420,3 +420,34 @@ def test_cli_main_writes_studies(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "labels" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--transfer-syntax", "nonsense"])
+
+
+def test_acquisition_changes_alter_the_scanner_not_the_vendor() -> None:
+    from simulator import ACQUISITION_CHANGES, acquisition_change
+    from simulator.vendors import get_vendor
+
+    base = get_vendor("Aurora Imaging")
+    changed = {name: acquisition_change("Aurora Imaging", name) for name in ACQUISITION_CHANGES}
+    assert changed["gain+3"].gain_db == base.gain_db + 3
+    assert changed["gain+8"].gain_db == base.gain_db + 8
+    assert changed["dynamic-range-15"].dynamic_range_db == base.dynamic_range_db - 15
+    assert changed["coarse-probe"].psf_axial > base.psf_axial
+    assert changed["coarse-probe"].line_density < base.line_density
+    assert all(style.name == base.name for style in changed.values())
+    with pytest.raises(ValueError, match="unknown acquisition change"):
+        acquisition_change("Aurora Imaging", "gain+30")
+
+
+def test_a_frameset_under_an_acquisition_change_is_the_same_studies_formed_otherwise() -> None:
+    import torch
+
+    from modelkit.data import simulate_frameset
+
+    usual = simulate_frameset(2, seed=5, input_size=(64, 80), progress=False)
+    brighter = simulate_frameset(2, seed=5, input_size=(64, 80), progress=False,
+                                 acquisition="gain+8")
+    assert usual.vendor == brighter.vendor
+    assert torch.equal(usual.labels["view"], brighter.labels["view"])
+    assert brighter.images.float().mean() > usual.images.float().mean()
+    with pytest.raises(ValueError, match="unknown acquisition change"):
+        simulate_frameset(1, seed=5, input_size=(64, 80), progress=False, acquisition="x")
