@@ -132,9 +132,13 @@ def _cmd_scheduler(_: argparse.Namespace) -> int:
     from node.storage import open_store
 
     spool = Spool(settings.spool_dir, settings.incoming_dir)
-    store = open_store(settings, spool)
-    retention = (lambda: purge(db, spool, days=settings.retention_days, store=store)) \
-        if settings.retention_days > 0 else None
+
+    def purge_expired() -> object:
+        # The store is opened here, not at start: one this host cannot open costs the
+        # hourly retention run (logged by the scheduler), never the scheduling.
+        return purge(db, spool, days=settings.retention_days, store=open_store(settings, spool))
+
+    retention = purge_expired if settings.retention_days > 0 else None
     run_scheduler(
         db,
         celery_dispatcher(),
@@ -153,7 +157,7 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     from node.db import open_database
     from node.retention import purge
     from node.spool import Spool
-    from node.storage import open_store
+    from node.storage import StorageError, open_store
 
     days = args.days if args.days is not None else settings.retention_days
     if days <= 0:
@@ -161,8 +165,12 @@ def _cmd_purge(args: argparse.Namespace) -> int:
         return 2
     db = open_database(settings.effective_database_url, settings.data_dir)
     spool = Spool(settings.spool_dir, settings.incoming_dir)
-    report = purge(db, spool, days=days, dry_run=args.dry_run, actor="cli",
-                   store=open_store(settings, spool))
+    try:
+        store = open_store(settings, spool)
+    except StorageError as exc:
+        print(f"cannot open the instance store: {exc}", file=sys.stderr)
+        return 2
+    report = purge(db, spool, days=days, dry_run=args.dry_run, actor="cli", store=store)
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} {report.files} file(s), {report.bytes} bytes, of {report.studies} "
           f"study(ies) ended more than {days:g} days ago")
