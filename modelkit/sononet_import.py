@@ -663,18 +663,21 @@ def _model_card(manifest: dict[str, Any]) -> str:
         "or evaluate on; probabilities are the network's raw softmax.\n\n"
         f"{ood_text}{example_text}"
         "\nWhen the node withholds or doubts a result (in this order):\n\n"
-        + "".join(f"- {rule}\n" for rule in abstention_rules(
-            Manifest.from_dict({**manifest, "format_version": FORMAT_VERSION,
-                                "members": [{"weights": "weights.pt", "sha256": "0" * 64}]})))
+        + "".join(f"- {rule}\n" for rule in abstention_rules(parsed_manifest(manifest)))
     )
 
 
+def parsed_manifest(manifest: dict[str, Any]) -> Manifest:
+    """:func:`pack_manifest`'s document as the node reads it, before ``write_pack`` has
+    added the format version and the members (one placeholder member)."""
+    return Manifest.from_dict({**manifest, "format_version": FORMAT_VERSION,
+                               "members": [{"weights": "weights.pt", "sha256": "0" * 64}]})
+
+
 def _in_memory_pack(manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> ModelPack:
-    document = dict(manifest, format_version=FORMAT_VERSION, ood=None)
-    document["members"] = [{"weights": "weights.pt", "sha256": "0" * 64}]
     network = SonoNet16(input_scale=INPUT_SCALE)
     network.load_state_dict(state)
-    return ModelPack(Manifest.from_dict(document), [network], device="cpu")
+    return ModelPack(parsed_manifest(dict(manifest, ood=None)), [network], device="cpu")
 
 
 def import_sononet(

@@ -71,11 +71,6 @@ def inference_route(session: Session, *, now: datetime | None = None) -> tuple[s
     return queue, bool(serving) and all(Queue.CPU.value in q for q in serving)
 
 
-def inference_queue(session: Session, *, now: datetime | None = None) -> str:
-    """The queue of :func:`inference_route`."""
-    return inference_route(session, now=now)[0]
-
-
 def start_run(session: Session, job_id: int, stage: str, *, worker: str,
               pid: int) -> int | None:
     """Record that a pool process started a stage of a job; the run's id (``None``: no

@@ -41,12 +41,17 @@ class InProcessNode:
             assert int(assoc.send_c_store(path).Status) == 0
         assoc.release()
 
-    def analyse(self) -> Path:
-        """Run the one complete study through QC, inference and report: its SR's path."""
+    def start_job(self) -> int:
+        """The job the scheduler creates for the one study that is complete now."""
         jobs: list[int] = []
         start_complete_studies(self.db, Dispatcher(job=lambda j, _s: jobs.append(j),
                                                    export=lambda _e: None), stable_seconds=0)
         (job_id,) = jobs
+        return job_id
+
+    def analyse(self) -> Path:
+        """Run the one complete study through QC, inference and report: its SR's path."""
+        job_id = self.start_job()
         pipeline.run_qc(self.ctx, job_id)
         pipeline.run_inference(self.ctx, job_id)
         assert pipeline.run_report(self.ctx, job_id) is not None

@@ -14,7 +14,6 @@ import pytest
 from inprocess import InProcessNode, in_process_node
 
 from node.db import Job, JobState
-from node.scheduler import Dispatcher, start_complete_studies
 from simulator import simulate_study
 from workers import pipeline
 
@@ -30,11 +29,7 @@ def _new_job(node: InProcessNode, folder: Path, seed: int) -> int:
     simulate_study(folder, seed=seed, vendor="Aurora Imaging", n_images=2, n_loops=1,
                    frames_per_loop=4)
     node.send(sorted(folder.glob("**/*.dcm")))
-    created: list[int] = []
-    start_complete_studies(node.db, Dispatcher(job=lambda j, _s: created.append(j),
-                                               export=lambda _e: None), stable_seconds=0)
-    (job_id,) = created
-    return job_id
+    return node.start_job()
 
 
 def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -22,7 +22,7 @@ def _beat(db: Database, name: str, queues: list[str], *, can: bool, age: float =
 
 def _queue(db: Database) -> str:
     with db.session() as session:
-        return heartbeats.inference_queue(session)
+        return heartbeats.inference_route(session)[0]
 
 
 def test_gpu_queue_while_a_gpu_worker_can_analyse(db: Database) -> None:

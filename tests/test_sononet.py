@@ -27,12 +27,13 @@ from modelkit.sononet_import import (
     loo_margin,
     main,
     pack_manifest,
+    parsed_manifest,
     read_examples,
 )
 from workers.imaging.qc import assess_instance
 from workers.imaging.types import DecodedInstance, PreparedInstance
 from workers.models.inference import box_from_map
-from workers.models.manifest import FORMAT_VERSION, CaptureLayout, Manifest, Region
+from workers.models.manifest import CaptureLayout, Region
 from workers.models.preprocess import input_box, layout_crop, model_input
 from workers.models.sononet import (
     ABSTAIN_LABEL,
@@ -214,9 +215,7 @@ def node_input(frame: np.ndarray, layouts: Sequence[CaptureLayout] = ()) -> torc
 
 def pack_layouts() -> tuple[CaptureLayout, ...]:
     """The capture layouts an imported SonoNet pack declares."""
-    document = {**pack_manifest(), "format_version": FORMAT_VERSION,
-                "members": [{"weights": "weights.pt", "sha256": "0" * 64}]}
-    return Manifest.from_dict(document).input.layouts
+    return parsed_manifest(pack_manifest()).input.layouts
 
 
 def test_authors_input_contract() -> None:

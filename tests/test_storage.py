@@ -32,7 +32,6 @@ from node import heartbeats
 from node.config import Settings
 from node.db import Job, JobState, Study, StudyState, open_database, utcnow
 from node.retention import purge
-from node.scheduler import Dispatcher, start_complete_studies
 from node.spool import Spool
 from node.storage import S3Store, SpoolStore, StorageError, open_store, parse_s3_url
 from simulator import simulate_study
@@ -146,10 +145,7 @@ def _new_job(node: InProcessNode, folder: Path, seed: int) -> tuple[int, str]:
                    frames_per_loop=4)
     paths = sorted(folder.glob("**/*.dcm"))
     node.send(paths)
-    created: list[int] = []
-    start_complete_studies(node.db, Dispatcher(job=lambda j, _s: created.append(j),
-                                               export=lambda _e: None), stable_seconds=0)
-    (job_id,) = created
+    job_id = node.start_job()
     return job_id, str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
 
 

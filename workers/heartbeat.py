@@ -39,7 +39,7 @@ def capability(settings: Settings, queues: Sequence[str]) -> Capability:
     """What a worker consuming ``queues`` can do with ``settings``: a usable device, the
     instance store opens, and at least one model pack whose files verify. A worker of the
     ``cpu`` queue that can analyse gets the inference of a host without a GPU worker
-    (:func:`node.heartbeats.inference_queue`)."""
+    (:func:`node.heartbeats.inference_route`)."""
     from workers.models.packs import resolve_device  # torch: only to probe the device
 
     try:

@@ -208,9 +208,7 @@ def model_input(
         return grey_frame(item.instance, index)
     fixed = layout_crop(item, layouts)
     if fixed is not None:
-        c0, r0, c1, r1 = fixed
-        grey: np.ndarray = grey_frames(item.instance.frames[index : index + 1, r0:r1, c0:c1])[0]
-        return grey / np.float32(255.0)
+        return _grey_crop(item.instance, index, fixed)
     if item.qc.scan_region is not None and item.qc.scan_mask is not None:
         try:
             return frame_for_model(item.instance, item.qc, index)
@@ -222,6 +220,11 @@ def model_input(
     box = clipped_region(item.qc, item.instance.frames.shape[1:3])
     if box is None:
         return grey_frame(item.instance, index)
+    return _grey_crop(item.instance, index, box)
+
+
+def _grey_crop(instance: DecodedInstance, index: int, box: Box) -> np.ndarray:
+    """Frame ``index`` of ``instance`` cropped to ``box``, unmasked, grey in ``[0, 1]``."""
     c0, r0, c1, r1 = box
-    crop: np.ndarray = grey_frames(item.instance.frames[index : index + 1, r0:r1, c0:c1])[0]
+    crop: np.ndarray = grey_frames(instance.frames[index : index + 1, r0:r1, c0:c1])[0]
     return crop / np.float32(255.0)
