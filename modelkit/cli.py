@@ -1,4 +1,4 @@
-"""``sononode model <command>``: train, calibrate, threshold, evaluate, distill, info.
+"""``sononode model <command>``: train, pretrain, calibrate, threshold, evaluate, distill, info.
 
 Each command reads its data from a DICOM folder plus labels CSV (``--data``, ``--labels``)
 or simulates it (``--simulated N`` studies, ``--seed``), and writes a model pack or a
@@ -24,7 +24,19 @@ from modelkit.drift import REFERENCE_SEED as DRIFT_REFERENCE_SEED
 from modelkit.drift import fit_pack_reference, write_reference
 from modelkit.evaluate import evaluate_pack, markdown_report, model_card, to_json, write_plots
 from modelkit.info import cmd_info
+from modelkit.loops import LoopSet, read_loop_folder, simulate_loopset
 from modelkit.pack_writer import write_pack
+from modelkit.pretrain import (
+    PRETRAIN_BATCH_LOOPS,
+    PRETRAIN_LR,
+    PRETRAIN_STEPS,
+    PretrainedBackbone,
+    chance_loss,
+    load_pretrained,
+    loop_data_record,
+    pretrain_backbone,
+    write_pretrained,
+)
 from modelkit.train import (
     INPUT_SIZE,
     REFERENCE_CALIBRATION_STUDIES,
@@ -136,6 +148,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = default_input_spec()
     width, pool, stride = args.width, args.pool, args.output_stride
     net = MultiTaskMobileNet(width=width, pool=pool, output_stride=stride)
+    pretrained = None
+    if args.from_pretrained is not None:
+        if args.init_from is not None:
+            raise SystemExit("give --init-from PACK or --from-pretrained BACKBONE, not both")
+        pretrained = load_pretrained(args.from_pretrained)
+        spec = pretrained.input
+        width, stride = pretrained.width, pretrained.output_stride
+        net = pretrained.network(pool=pool)
     if args.init_from is not None:
         source = ModelPack.load(args.init_from, device="cpu")
         if source.manifest.architecture != "multitask_mobilenet":
@@ -149,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         net = MultiTaskMobileNet(width=width, pool=pool, output_stride=stride)
         net.load_state_dict(source.networks[0].state_dict())
     torch.manual_seed(args.seed)
-    data = _frames(args, (spec.height, spec.width) if args.init_from else INPUT_SIZE)
+    data = _frames(args, (spec.height, spec.width) if args.init_from or pretrained else INPUT_SIZE)
     train_set, cal_set, test_set = _three_way_split(data, args.seed)
     report = train_network(
         net,
@@ -177,11 +197,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{', simulated images' if args.data is not None and simulated else ''}); "
             f"split by study 70/15/15 train/calibration/test"
             + (f"; initialised from {args.init_from}" if args.init_from else "")
+            + (_pretrained_text(pretrained) if pretrained is not None else "")
             + ("; backbone frozen" if args.freeze_backbone else "")
         ),
         input_size=(spec.height, spec.width),
     )
     manifest = apply_calibration(manifest, cal)
+    if pretrained is not None:
+        manifest["training_data"]["pretrained_backbone"] = pretrained.summary()
     pack = pack_from_networks(manifest, [net], ood=cal.ood)
     evaluation = evaluate_pack(pack, test_set, held_out_vendor=_held_out())
     manifest["metrics"] = {
@@ -206,6 +229,61 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"pack written to {args.out}"
     )
     _write_json(None, to_json(evaluation)["summary"]["overall"])
+    return 0
+
+
+def _pretrained_text(backbone: PretrainedBackbone) -> str:
+    data = backbone.info.get("data") or {}
+    return (
+        f"; backbone pretrained contrastively on {data.get('loops', '?')} unlabelled loops "
+        f"({data.get('source', 'unknown source')}; sha256 {backbone.sha256[:12]}), "
+        "then fine-tuned"
+    )
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    spec = default_input_spec()
+    size = (spec.height, spec.width)
+    if (args.data is None) == (args.simulated is None):
+        raise SystemExit("give --data DIR (a folder of cine loops) or --simulated N loops")
+    if args.data is not None:
+        if args.vendor or args.acquisition:
+            raise SystemExit("--vendor and --acquisition shape simulated loops: use them "
+                             "with --simulated")
+        loops = read_loop_folder(args.data, input_size=size, max_frames=args.frames_per_loop)
+        source, simulated = str(args.data), bool(args.simulated_data)
+    else:
+        loops = simulate_loopset(
+            args.simulated, seed=args.seed, input_size=size, vendors=args.vendor,
+            frames_per_loop=args.frames_per_loop, acquisition=args.acquisition,
+            processes=args.processes,
+        )
+        source = f"simulated loops, seed {args.seed}" + (
+            f", acquisition {args.acquisition}" if args.acquisition else "")
+        simulated = True
+    held: LoopSet | None = None
+    train_loops = loops
+    if loops.loops >= 10:  # a tenth of the loops (at least 2: a pair check needs two)
+        train_loops, held = loops.split(max(0.1, 2.0 / loops.loops), seed=args.seed)
+    net = MultiTaskMobileNet(width=args.width, output_stride=args.output_stride)
+    report = pretrain_backbone(
+        net, train_loops, spec=spec, steps=args.steps, batch_loops=args.batch_loops,
+        lr=args.lr, validation=held, seed=args.seed,
+    )
+    write_pretrained(
+        args.out, net, spec=spec, output_stride=args.output_stride, report=report,
+        data=loop_data_record(train_loops, held, source=source, simulated=simulated),
+        batch_loops=args.batch_loops,
+    )
+    line = (f"pretrained on {train_loops.loops} loops ({len(train_loops)} frames, "
+            f"{train_loops.skipped} instances skipped) in {report.seconds:.0f} s; NT-Xent "
+            f"{report.losses[0]:.3f} -> {report.losses[-1]:.3f} (chance "
+            f"{chance_loss(min(args.batch_loops, train_loops.loops)):.3f})")
+    if report.before is not None and report.after is not None:
+        line += (f"; on {held.loops if held else 0} held-out loops, pairs identified "
+                 f"{report.before.pair_accuracy:.3f} before, {report.after.pair_accuracy:.3f} "
+                 f"after (chance {report.after.chance:.3f})")
+    print(f"{line}; wrote {args.out}")
     return 0
 
 
@@ -536,6 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", type=Path, help="start from this pack's weights (transfer)")
     p.add_argument("--freeze-backbone", action="store_true", help="train the heads only")
     p.add_argument(
+        "--from-pretrained",
+        type=Path,
+        metavar="BACKBONE",
+        help="fine-tune a backbone written by 'sononode model pretrain' (its width and output "
+        "stride replace --width and --output-stride)",
+    )
+    p.add_argument(
         "--simulated-data",
         action="store_true",
         help="the --data images are simulated: the pack is flagged not for clinical use",
@@ -547,6 +632,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="sononode-us-custom")
     p.add_argument("--version", default="0.1.0")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "pretrain", help="contrastive pretraining of the backbone on unlabelled cine loops"
+    )
+    group = p.add_argument_group("loops (a DICOM folder, or simulated loops)")
+    group.add_argument("--data", type=Path,
+                       help="folder of DICOM files: each multi-frame instance is one loop; no "
+                       "labels are read")
+    group.add_argument("--simulated", type=int, metavar="N", help="simulate N loops instead")
+    group.add_argument("--vendor", action="append",
+                       help="vendor style of the simulated loops (repeat; default the "
+                       "simulator's training vendors)")
+    group.add_argument("--acquisition", choices=ACQUISITION_CHANGES, default=None,
+                       help="form the simulated loops under this acquisition change")
+    group.add_argument("--simulated-data", action="store_true",
+                       help="the --data loops are simulated images")
+    group.add_argument("--frames-per-loop", type=int, default=8,
+                       help="frames used of each loop, spread evenly")
+    group.add_argument("--processes", type=int, default=1, help="simulation processes")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the backbone to")
+    p.add_argument("--steps", type=int, default=PRETRAIN_STEPS)
+    p.add_argument("--batch-loops", type=int, default=PRETRAIN_BATCH_LOOPS,
+                   help="loops per batch (one positive pair each)")
+    p.add_argument("--lr", type=float, default=PRETRAIN_LR)
+    p.add_argument("--width", type=float, default=REFERENCE_WIDTH, help="width multiplier")
+    p.add_argument("--output-stride", type=int, choices=(16, 32),
+                   default=REFERENCE_OUTPUT_STRIDE)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_pretrain)
 
     for name, func, text in (
         ("calibrate", cmd_calibrate, "refit temperatures and the OOD threshold of a pack"),

@@ -16,9 +16,10 @@ from __future__ import annotations
 import csv
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from workers.models.preprocess import model_input, resize
 logger = logging.getLogger(__name__)
 
 THYROID_VIEWS = ("thyroid_transverse", "thyroid_longitudinal")
+
+_Job = TypeVar("_Job")
+_Result = TypeVar("_Result")
 
 
 @dataclass
@@ -240,6 +244,35 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def run_jobs(
+    function: Callable[[_Job], _Result],
+    jobs: Sequence[_Job],
+    *,
+    processes: int,
+    progress: bool,
+    desc: str,
+    unit: str,
+) -> list[_Result]:
+    """``[function(job) for job in jobs]``, in order, in ``processes`` spawned processes
+    (one torch thread each) when more than one, with a progress bar."""
+    bar = tqdm(total=len(jobs), desc=desc, unit=unit, disable=not progress, leave=False)
+    results: list[_Result] = []
+    if processes > 1:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(processes, initializer=_init_worker) as pool:
+            for item in pool.imap(function, jobs, chunksize=8):
+                results.append(item)
+                bar.update(1)
+    else:
+        for job in jobs:
+            results.append(function(job))
+            bar.update(1)
+    bar.close()
+    return results
+
+
 def simulate_frameset(
     n_studies: int,
     *,
@@ -292,21 +325,8 @@ def simulate_frameset(
         )
         for s in range(n_studies)
     ]
-    bar = tqdm(total=n_studies, desc="simulate", unit="study", disable=not progress, leave=False)
-    results: list[tuple[list[_Row], int]] = []
-    if processes > 1:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(processes, initializer=_init_worker) as pool:
-            for item in pool.imap(_simulate_study, jobs, chunksize=8):
-                results.append(item)
-                bar.update(1)
-    else:
-        for job in jobs:
-            results.append(_simulate_study(job))
-            bar.update(1)
-    bar.close()
+    results = run_jobs(_simulate_study, jobs, processes=processes, progress=progress,
+                       desc="simulate", unit="study")
     rows = [(s, frame) for s, (study, _) in enumerate(results) for frame in study]
     excluded = sum(n for _, n in results)
     if excluded:
