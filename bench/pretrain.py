@@ -21,8 +21,13 @@ a 95 % interval from resampling whole test studies.
 Simulated images only: the figures say what the method does on the simulator, not on a
 hospital's scanners.
 
+With ``--controls``, two more arms separate the causes: training from scratch for three
+times the epochs (about the computation of pretraining plus fine-tuning), and pretraining
+on as many unlabelled loops of the *seen* vendors instead of the new one.
+
     python bench/pretrain.py [--seed 11] [--labelled-studies 120] [--loops 300] \\
-        [--test-studies 200] [--steps 600] [--epochs 20] [--processes 2] [--json out.json]
+        [--test-studies 200] [--steps 600] [--epochs 20] [--controls] [--processes 2] \\
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -135,57 +140,69 @@ def _statistics(
     return stats
 
 
+def _difference(
+    a: Callable[[np.ndarray], float], b: Callable[[np.ndarray], float]
+) -> Callable[[np.ndarray], float]:
+    def difference(i: np.ndarray) -> float:
+        return a(i) - b(i)
+
+    return difference
+
+
 def compare(
-    scratch: ModelPack, pretrained: ModelPack, test: FrameSet, *, resamples: int
+    arms: Mapping[str, ModelPack], test: FrameSet, *, resamples: int, baseline: str = "scratch"
 ) -> dict[str, Any]:
-    """Per vendor group: each arm's figures and the paired difference with its interval."""
+    """Per vendor group: each arm's figures and its paired difference from ``baseline`` with
+    a 95 % interval from resampling whole test studies."""
     out: dict[str, Any] = {}
     vendors = np.array(test.vendor)
-    arms = {"scratch": _outputs(scratch, test), "pretrained": _outputs(pretrained, test)}
+    outputs = {name: _outputs(pack, test) for name, pack in arms.items()}
     groups = {"new vendor (" + HELD_OUT_VENDOR + ")": vendors == HELD_OUT_VENDOR,
               "seen vendors": vendors != HELD_OUT_VENDOR}
+    others = [name for name in arms if name != baseline]
     for name, mask in groups.items():
         index = np.nonzero(mask)[0]
         part = test.subset(index)
         stats = {
             arm: _statistics({k: v[index] for k, v in probs.items()}, flags[index], part)
-            for arm, (probs, flags) in arms.items()
+            for arm, (probs, flags) in outputs.items()
         }
         everything = np.arange(len(part))
         row: dict[str, Any] = {"frames": len(part),
                                "studies": int(np.unique(part.study.numpy()).size)}
-        differences = {
-            key: (lambda i, a=stats["pretrained"][key], b=stats["scratch"][key]: a(i) - b(i))
-            for key in stats["scratch"]
-        }
-        intervals = cluster_bootstrap(part.study.numpy(), differences, resamples=resamples)
-        for key in stats["scratch"]:
+        for key in stats[baseline]:
+            differences = {arm: _difference(stats[arm][key], stats[baseline][key])
+                           for arm in others}
+            intervals = cluster_bootstrap(part.study.numpy(), differences, resamples=resamples)
             row[key] = {
-                "scratch": round(stats["scratch"][key](everything), 4),
-                "pretrained": round(stats["pretrained"][key](everything), 4),
-                "difference": round(differences[key](everything), 4),
-                "ci95": intervals[key].as_list() if key in intervals else None,
+                "value": {arm: round(stats[arm][key](everything), 4) for arm in arms},
+                "difference": {arm: round(f(everything), 4) for arm, f in differences.items()},
+                "ci95": {arm: intervals[arm].as_list() if arm in intervals else None
+                         for arm in others},
             }
         for task in TASKS:
-            n = int((part.labels[task] >= 0).sum())
-            row[f"{task}_frames"] = n
+            row[f"{task}_frames"] = int((part.labels[task] >= 0).sum())
         out[name] = row
     return out
 
 
-def markdown(result: Mapping[str, Any]) -> str:
+def markdown(result: Mapping[str, Any], *, baseline: str = "scratch") -> str:
     lines = []
     for group, row in result["groups"].items():
+        arms = next(v["value"] for v in row.values() if isinstance(v, dict))
+        others = [a for a in arms if a != baseline]
+        header = ["figure", *arms, *(f"{a} - {baseline} (95 % CI)" for a in others)]
         lines += [f"### {group}: {row['frames']} frames of {row['studies']} studies", "",
-                  "| figure | scratch | pretrained | pretrained - scratch (95 % CI) |",
-                  "|---|---|---|---|"]
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for key, value in row.items():
             if not isinstance(value, dict):
                 continue
-            ci = value["ci95"]
-            interval = f" ({ci[0]:+.3f} to {ci[1]:+.3f})" if ci else ""
-            lines.append(f"| {key} | {value['scratch']:.3f} | {value['pretrained']:.3f} | "
-                         f"{value['difference']:+.3f}{interval} |")
+            cells = [key, *(f"{value['value'][a]:.3f}" for a in arms)]
+            for a in others:
+                ci = value["ci95"][a]
+                interval = f" ({ci[0]:+.3f} to {ci[1]:+.3f})" if ci else ""
+                cells.append(f"{value['difference'][a]:+.3f}{interval}")
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -203,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--controls", action="store_true",
+                        help="two more arms: scratch with 3 x the epochs (as much computation "
+                        "as pretraining), and pretraining on as many loops of the seen vendors")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -246,6 +266,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     pretrained = _arm(net, train, cal, epochs=args.epochs, seed=args.seed)
     finetune_s = time.perf_counter() - t
 
+    arms = {"scratch": scratch, "pretrained": pretrained}
+    if args.controls:
+        torch.manual_seed(args.seed)
+        long_net = MultiTaskMobileNet(width=REFERENCE_WIDTH, pool=REFERENCE_POOL,
+                                      output_stride=REFERENCE_OUTPUT_STRIDE)
+        arms["scratch 3x epochs"] = _arm(long_net, train, cal, epochs=3 * args.epochs,
+                                         seed=args.seed)
+        seen_loops = simulate_loopset(pretrain_loops.loops, seed=args.seed + 3, input_size=size,
+                                      vendors=list(TRAINING_VENDORS),
+                                      frames_per_loop=args.frames_per_loop,
+                                      processes=args.processes, progress=False)
+        torch.manual_seed(args.seed)
+        seen_net = MultiTaskMobileNet(width=REFERENCE_WIDTH, pool=REFERENCE_POOL,
+                                      output_stride=REFERENCE_OUTPUT_STRIDE)
+        pretrain_backbone(seen_net, seen_loops, spec=spec, steps=args.steps,
+                          batch_loops=args.batch_loops, lr=args.lr, seed=args.seed,
+                          progress=False)
+        arms["pretrained on seen-vendor loops"] = _arm(seen_net, train, cal,
+                                                       epochs=args.epochs, seed=args.seed)
     result = {
         "seed": args.seed,
         "config": vars(args) | {"json": str(args.json) if args.json else None},
@@ -260,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": {"simulation": round(simulated_s, 1), "scratch": round(scratch_s, 1),
                     "pretrain": round(pretrain_s, 1), "fine_tune": round(finetune_s, 1),
                     "torch_threads": torch.get_num_threads()},
-        "groups": compare(scratch, pretrained, test, resamples=args.resamples),
+        "groups": compare(arms, test, resamples=args.resamples),
     }
     print(json.dumps({k: result[k] for k in ("pretraining", "seconds")}, indent=2))
     print(markdown(result))
