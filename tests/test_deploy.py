@@ -136,9 +136,9 @@ def test_prometheus_scrapes_the_api_with_the_rules_mounted(compose: dict[str, An
         assert read_only and (ROOT / source).is_file(), rule_file
     alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
     names = {r["alert"] for g in alerts["groups"] for r in g["rules"]}
-    assert {"SononodeDrift", "SononodeSevereFindingShare", "SononodeAbstentionSpike", "SononodeQCFailSpike",
-            "SononodeExportsDeadLettered", "SononodeExportBacklog", "SononodeQueueBacklog",
-            "SononodeWorkerLost", "SononodeNoWorkerCanAnalyse"} <= names
+    assert {"SononodeDrift", "SononodeSevereFindingShare", "SononodeAbstentionSpike",
+            "SononodeQCFailSpike", "SononodeExportsDeadLettered", "SononodeExportBacklog",
+            "SononodeQueueBacklog", "SononodeWorkerLost", "SononodeNoWorkerCanAnalyse"} <= names
     assert "sononode_drift_psi" not in (ROOT / "deploy/prometheus/alerts.yml").read_text()
 
 
