@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -42,8 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modelkit.calibration import aurc, cluster_bootstrap, expected_calibration_error, roc_auc
 from modelkit.data import FrameSet, simulate_frameset, split_by_study
