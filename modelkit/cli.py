@@ -272,11 +272,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     )
     write_pretrained(
         args.out, net, spec=spec, output_stride=args.output_stride, report=report,
-        data=loop_data_record(train_loops, held, source=source, simulated=simulated),
+        data=loop_data_record(train_loops, held, source=source, simulated=simulated,
+                              skipped=loops.skipped),
         batch_loops=args.batch_loops,
     )
     line = (f"pretrained on {train_loops.loops} loops ({len(train_loops)} frames, "
-            f"{train_loops.skipped} instances skipped) in {report.seconds:.0f} s; NT-Xent "
+            f"{loops.skipped} instances skipped) in {report.seconds:.0f} s; NT-Xent "
             f"{report.losses[0]:.3f} -> {report.losses[-1]:.3f} (chance "
             f"{chance_loss(min(args.batch_loops, train_loops.loops)):.3f})")
     if report.before is not None and report.after is not None:

@@ -467,8 +467,9 @@ def load_pretrained(folder: Path) -> PretrainedBackbone:
 
 
 def loop_data_record(loops: LoopSet, held_out: LoopSet | None, *, source: str,
-                     simulated: bool) -> dict[str, Any]:
-    """The ``data`` section of ``pretrained.json``."""
+                     simulated: bool, skipped: int) -> dict[str, Any]:
+    """The ``data`` section of ``pretrained.json`` (``skipped``: instances of the source
+    that gave no loop)."""
     return {
         "source": source,
         "simulated": simulated,
@@ -476,7 +477,7 @@ def loop_data_record(loops: LoopSet, held_out: LoopSet | None, *, source: str,
         "frames": len(loops),
         "loops_per_vendor": loops.vendor_counts(),
         "held_out_loops": held_out.loops if held_out is not None else 0,
-        "skipped_instances": loops.skipped,
+        "skipped_instances": skipped,
         "labels_used": False,
     }
 

@@ -181,7 +181,9 @@ def test_pretrain_then_fine_tune_through_the_cli(
     assert record["data"]["labels_used"] is False
     assert record["data"]["simulated"] is True
     assert set(record["data"]["loops_per_vendor"]) == {"Solace Systems"}
-    assert record["data"]["held_out_loops"] >= 1
+    assert record["data"]["held_out_loops"] >= 2
+    assert record["data"]["loops"] + record["data"]["held_out_loops"] + record["data"][
+        "skipped_instances"] == 12
     assert record["input"]["height"] == default_input_spec().height
 
     pack = tmp_path / "pack"
