@@ -181,6 +181,22 @@ class _StudyJob:
 _Row = tuple[np.ndarray, int, int, int, float, str]
 
 
+def draw_case(
+    rng: np.random.Generator,
+    view_weights: Sequence[float],
+    sizes: Sequence[tuple[int, int]],
+    size_weights: Sequence[float],
+) -> tuple[str, str | None, str | None, tuple[int, int]]:
+    """``(view, nodule, lung pattern, frame size)`` of one simulated image or loop: the view
+    by ``view_weights``, a nodule class (thyroid views) or lung pattern (lung) evenly, the
+    size by ``size_weights``."""
+    view = VIEW_LABELS[int(rng.choice(len(VIEW_LABELS), p=np.asarray(view_weights)))]
+    nodule = NODULE_LABELS[int(rng.integers(3))] if view in THYROID_VIEWS else None
+    pattern = LUNG_LABELS[int(rng.integers(3))] if view == "lung" else None
+    size = sizes[int(rng.choice(len(sizes), p=np.asarray(size_weights)))]
+    return view, nodule, pattern, size
+
+
 def _simulate_study(job: _StudyJob) -> tuple[list[_Row], int]:
     """Frames of one simulated study as the node would see them, and the number of frames
     QC would not let through: ``[(uint8 image, view, nodule, lung, quality, vendor)]``.
@@ -198,10 +214,7 @@ def _simulate_study(job: _StudyJob) -> tuple[list[_Row], int]:
     out: list[_Row] = []
     excluded = 0
     for k in range(job.images):
-        view = VIEW_LABELS[int(rng.choice(len(VIEW_LABELS), p=np.asarray(job.view_weights)))]
-        nodule = NODULE_LABELS[int(rng.integers(3))] if view in THYROID_VIEWS else None
-        pattern = LUNG_LABELS[int(rng.integers(3))] if view == "lung" else None
-        size = job.sizes[int(rng.choice(len(job.sizes), p=np.asarray(job.weights)))]
+        view, nodule, pattern, size = draw_case(rng, job.view_weights, job.sizes, job.weights)
         frame = sim.simulate_image(
             view, vendor=formed, rng=rng, size=size, nodule=nodule, lung_pattern=pattern
         )

@@ -23,7 +23,7 @@ from modelkit.data import (
     SIM_SIZE_WEIGHTS,
     SIM_SIZES,
     SIM_VIEW_WEIGHTS,
-    THYROID_VIEWS,
+    draw_case,
     node_input,
     run_jobs,
 )
@@ -31,7 +31,6 @@ from simulator.dicom import deterministic_uid
 from workers.imaging.pixels import PixelDataError, decode_dataset, load_instance
 from workers.imaging.qc import assess_instance
 from workers.imaging.types import DecodedInstance
-from workers.models.nets import LUNG_LABELS, NODULE_LABELS, VIEW_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +153,7 @@ def _simulate_loop(job: _LoopJob) -> tuple[list[np.ndarray], str]:
                                     vendor=job.vendor)
     formed = (sim.acquisition_change(job.vendor, job.acquisition) if job.acquisition
               else job.vendor)
-    view = VIEW_LABELS[int(rng.choice(len(VIEW_LABELS), p=np.asarray(SIM_VIEW_WEIGHTS)))]
-    nodule = NODULE_LABELS[int(rng.integers(3))] if view in THYROID_VIEWS else None
-    pattern = LUNG_LABELS[int(rng.integers(3))] if view == "lung" else None
-    size = SIM_SIZES[int(rng.choice(len(SIM_SIZES), p=np.asarray(SIM_SIZE_WEIGHTS)))]
+    view, nodule, pattern, size = draw_case(rng, SIM_VIEW_WEIGHTS, SIM_SIZES, SIM_SIZE_WEIGHTS)
     frames = sim.simulate_loop(view, vendor=formed, rng=rng, n_frames=job.frames, size=size,
                                nodule=nodule, lung_pattern=pattern)
     dataset = sim.build_instance(

@@ -139,8 +139,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = TEMPERATURE
     similarity = (z @ z.T) / temperature
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     similarity = similarity.masked_fill(self_mask, float("-inf"))
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(similarity, partner)
+    return F.cross_entropy(similarity, _partners(n).to(z.device))
+
+
+def _partners(n: int) -> torch.Tensor:
+    """Index of each view's partner in ``cat([first views, second views])``."""
+    return torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
 
 
 class ContrastiveNet(nn.Module):
@@ -206,8 +210,7 @@ def pair_check(
             z = F.normalize(torch.cat([z1, z2]), dim=1)
             similarity = (z @ z.T).fill_diagonal_(-2.0)
             n = z1.shape[0]
-            partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
-            hits += int((similarity.argmax(1) == partner).sum())
+            hits += int((similarity.argmax(1) == _partners(n)).sum())
             total += 2 * n
             chance = 1.0 / (2 * n - 1)
     return PairCheck(float(np.mean(losses)), hits / total, chance, total // 2)
