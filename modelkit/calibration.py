@@ -37,7 +37,15 @@ def mean_nll(probabilities: np.ndarray, labels: np.ndarray) -> float:
     ensemble, the averaged calibrated probabilities have no single logit to start from."""
     p = np.asarray(probabilities, np.float64)
     y = _check_labels(labels, p.shape[0], classes=p.shape[1])
-    return float(-np.log(np.clip(p[np.arange(y.size), y], 1e-12, 1.0)).mean())
+    return float(frame_nll(p, y).mean())
+
+
+def frame_nll(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-frame NLL of the true labels (clipped at 1e-12): the mean of any subset is that
+    subset's :func:`mean_nll`, so a bootstrap takes means instead of recomputing."""
+    p = np.asarray(probabilities, np.float64)
+    y = _check_labels(labels, p.shape[0], classes=p.shape[1])
+    return np.asarray(-np.log(np.clip(p[np.arange(y.size), y], 1e-12, 1.0)))
 
 
 def fit_temperature(
@@ -103,9 +111,16 @@ def reliability_bins(
     return _bins(p.max(axis=1), (p.argmax(axis=1) == y).astype(np.float64), n_bins)
 
 
-def _bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> ReliabilityBins:
+def _bin_index(confidence: np.ndarray, n_bins: int) -> np.ndarray:
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    return np.asarray(np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1))
+
+
+def _bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int,
+          index: np.ndarray | None = None) -> ReliabilityBins:
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    if index is None:
+        index = _bin_index(confidence, n_bins)
     count = np.bincount(index, minlength=n_bins).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         conf = np.bincount(index, confidence, n_bins) / count
@@ -118,6 +133,37 @@ def expected_calibration_error(
 ) -> float:
     """ECE: count-weighted mean |accuracy - confidence| over ``n_bins`` equal-width bins."""
     return _ece(reliability_bins(probabilities, labels, n_bins=n_bins))
+
+
+@dataclass(frozen=True)
+class BinnedConfidence:
+    """Per-frame top-label confidence, correctness and reliability bin: the parts of the
+    ECE, computed once, so that the ECE of any subset of the frames (a bootstrap resample)
+    is three bincounts. ``ece(i)`` equals ``expected_calibration_error(p[i], y[i])``."""
+
+    confidence: np.ndarray
+    correct: np.ndarray
+    index: np.ndarray
+    n_bins: int
+
+    @classmethod
+    def of(cls, probabilities: np.ndarray, labels: np.ndarray, *,
+           n_bins: int = 15) -> BinnedConfidence:
+        p = np.asarray(probabilities, np.float64)
+        if p.ndim != 2:
+            raise ValueError(f"probabilities must be (N, K), got shape {p.shape}")
+        y = _check_labels(labels, p.shape[0], classes=p.shape[1])
+        confidence = p.max(axis=1)
+        correct = (p.argmax(axis=1) == y).astype(np.float64)
+        return cls(confidence, correct, _bin_index(confidence, n_bins), n_bins)
+
+    def ece(self, subset: np.ndarray | None = None) -> float:
+        if subset is None:
+            return _ece(_bins(self.confidence, self.correct, self.n_bins, self.index))
+        if len(subset) == 0:
+            raise ValueError("no samples")
+        return _ece(_bins(self.confidence[subset], self.correct[subset], self.n_bins,
+                          self.index[subset]))
 
 
 def _ece(bins: ReliabilityBins) -> float:

@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from modelkit.calibration import (
+    BinnedConfidence,
     aurc,
     cluster_bootstrap,
     confusion_matrix,
     ece_noise_floor,
     expected_calibration_error,
+    frame_nll,
     mean_nll,
     multiclass_auc,
     reliability_bins,
@@ -77,6 +79,10 @@ def _task_metrics(
     p = calibrated[mask]
     p_raw = np.mean([softmax(r[spec.output][mask]) for r in raw], axis=0)
     correct = p.argmax(1) == y
+    # Per-frame parts, computed once: each resample's ECE and NLL is then a few bincounts
+    # and means over its frame indices (the same values as recomputing from p[i], y[i]).
+    binned, binned_raw = BinnedConfidence.of(p, y), BinnedConfidence.of(p_raw, y)
+    nll, nll_raw = frame_nll(p, y), frame_nll(p_raw, y)
     # Statistics with a study-bootstrap interval, as functions of frame indices: the point
     # value is the statistic of every frame, the interval that of resampled studies.
     statistics: dict[str, Callable[[np.ndarray], float]] = {
@@ -85,10 +91,8 @@ def _task_metrics(
         # fill bins unevenly), so its percentile interval can exclude the estimate. The
         # paired change by calibration is what the interval is needed for, and its bias
         # largely cancels.
-        "ece_change": lambda i: (
-            expected_calibration_error(p[i], y[i]) - expected_calibration_error(p_raw[i], y[i])
-        ),
-        "nll_change": lambda i: mean_nll(p[i], y[i]) - mean_nll(p_raw[i], y[i]),
+        "ece_change": lambda i: binned.ece(i) - binned_raw.ece(i),
+        "nll_change": lambda i: float(nll[i].mean() - nll_raw[i].mean()),
     }
     out: dict[str, Any] = {
         "n": n,

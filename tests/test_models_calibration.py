@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from modelkit.calibration import (
+    BinnedConfidence,
     aurc,
     cluster_bootstrap,
     confusion_matrix,
     ece_noise_floor,
     expected_calibration_error,
     fit_temperature,
+    frame_nll,
     mean_nll,
     multiclass_auc,
     roc_auc,
@@ -99,6 +101,22 @@ def test_mean_nll_matches_the_logit_form() -> None:
     expected = -(np.log(softmax(logits)[0, 0]) + np.log(softmax(logits)[1, 2])) / 2
     assert mean_nll(softmax(logits), y) == pytest.approx(expected)
     assert mean_nll(np.array([[1.0, 0.0]]), np.array([1])) == pytest.approx(-np.log(1e-12))
+
+
+def test_per_frame_parts_give_the_same_ece_and_nll_on_every_subset() -> None:
+    """The bootstrap's shortcut: ECE and NLL of a resample from parts computed once are
+    exactly those recomputed from the resample's probabilities (duplicates included)."""
+    rng = np.random.default_rng(5)
+    p = softmax(rng.normal(0, 2, size=(300, 4)))
+    y = rng.integers(0, 4, size=300)
+    binned, nll = BinnedConfidence.of(p, y), frame_nll(p, y)
+    assert binned.ece() == expected_calibration_error(p, y)
+    for _ in range(20):
+        i = rng.integers(0, 300, size=int(rng.integers(1, 300)))
+        assert binned.ece(i) == expected_calibration_error(p[i], y[i])
+        assert float(nll[i].mean()) == mean_nll(p[i], y[i])
+    with pytest.raises(ValueError, match="no samples"):
+        binned.ece(np.zeros(0, np.int64))
 
 
 def test_cluster_bootstrap_widens_intervals_for_correlated_frames() -> None:
