@@ -8,7 +8,14 @@ AUROC of the OOD score (higher = less familiar) for in-distribution frames again
     simulator vendor) for the SonoNet pack,
 (c) the simulator vendor held out of the reference pack's training
     (``deploy/models/sononode-us-sim``: its manifest names it) for the reference pack,
-(a') other modalities for the reference pack.
+(a') other modalities for the reference pack,
+(d) the training vendors under each acquisition change (gain +3 / +8 dB, dynamic range
+    -15 dB, a coarser probe) for the reference pack.
+
+For a pack with image statistics (``ood.image``) each row of the reference pack comes three
+times: the embedding's Mahalanobis score, the image statistics alone, and the node's rule
+(out of distribution when either is above its threshold; scored by the larger of the two
+score/threshold ratios, flagged above 1).
 
 In distribution: for SonoNet the authors' example frames (``../shared/sononet``) and mild
 augmentations of them (:func:`workers.models.sononet.augment`, another seed than the pack's
@@ -41,6 +48,7 @@ from dicom_sr.model import QCOutcome
 from modelkit.calibration import roc_auc
 from modelkit.sononet_import import Example, augment, model_inputs
 from simulator import VENDOR_STYLES, VIEWS, build_instance, new_study_context, simulate_image
+from simulator.vendors import ACQUISITION_CHANGES, acquisition_change
 from workers.imaging.pixels import decode_dataset, sample_frames
 from workers.imaging.qc import assess_instance
 from workers.imaging.types import DecodedInstance, InstanceQC, PreparedInstance
@@ -167,18 +175,21 @@ def fetal_frames(
 
 
 def simulated_frames(
-    vendors: Sequence[str], *, per_view: int, seed: int, views: Sequence[str] | None = None
+    vendors: Sequence[str], *, per_view: int, seed: int, views: Sequence[str] | None = None,
+    change: str | None = None,
 ) -> list[np.ndarray]:
     """Simulated B-mode frames through DICOM, decoding, QC and cropping, ``per_view`` of
-    each view for each vendor (frames QC refuses are left out, as the node does)."""
+    each view for each vendor (frames QC refuses are left out, as the node does); with
+    ``change``, formed under that acquisition change of each vendor's scanner."""
 
     frames: list[np.ndarray] = []
     for v, vendor in enumerate(vendors):
         rng = np.random.default_rng([seed, v])
         context = new_study_context(rng, vendor=vendor)
+        style = acquisition_change(vendor, change) if change else vendor
         for view in views or VIEWS:
             for k in range(per_view):
-                frame = simulate_image(view, vendor=vendor, rng=rng)
+                frame = simulate_image(view, vendor=style, rng=rng)
                 dataset = build_instance(
                     frame, vendor=vendor, study=context, series_instance_uid=f"2.25.{seed}{v}",
                     instance_number=k + 1,
@@ -220,10 +231,12 @@ def abstained(pack: ModelPack, frames: Sequence[np.ndarray]) -> float:
     return float(np.mean(withheld))
 
 
-def _row(pack: ModelPack, inside: str, outside: str, s_in: np.ndarray, s_out: np.ndarray) -> Row:
+def _row(pack: ModelPack, inside: str, outside: str, s_in: np.ndarray, s_out: np.ndarray,
+         *, method: str | None = None, threshold: float | None = None) -> Row:
     spec = pack.manifest.ood
-    threshold = spec.threshold if spec is not None else None
-    method = spec.method.value if spec is not None else "energy (no threshold)"
+    if method is None:
+        threshold = spec.threshold if spec is not None else None
+        method = spec.method.value if spec is not None else "energy (no threshold)"
     return Row(
         pack=pack.name,
         method=method,
@@ -280,13 +293,39 @@ def reference_rows(pack: ModelPack, *, per_view: int, copies: int) -> list[Row]:
     inside_frames = simulated_frames(seen, per_view=per_view, seed=31)
     held_frames = simulated_frames([held_out] * len(seen), per_view=per_view, seed=32)
     modality, sources = other_modality_frames(pack.input.region, copies=copies)
-    s_in = ood_scores(pack, inside_frames)
     inside = f"simulated US, training vendors ({len(seen)})"
-    return [
-        _row(pack, inside, f"held-out vendor {held_out}", s_in, ood_scores(pack, held_frames)),
-        _row(pack, inside, f"other modalities ({sources} images x {copies + 1})",
-             s_in, ood_scores(pack, modality)),
-    ]
+    outside = {f"held-out vendor {held_out}": held_frames,
+               f"other modalities ({sources} images x {copies + 1})": modality}
+    if pack.image_ood is not None:
+        for change in ACQUISITION_CHANGES:
+            outside[f"training vendors, {change}"] = simulated_frames(
+                seen, per_view=max(1, per_view // 2), seed=33, change=change)
+    s_in = ood_scores(pack, inside_frames)
+    rows = [_row(pack, inside, name, s_in, ood_scores(pack, frames))
+            for name, frames in outside.items()]
+    spec = pack.manifest.ood
+    if pack.image_ood is None or spec is None or spec.image is None:
+        return rows
+    # The image statistics alone, and the node's rule: out of distribution when either score
+    # is above its threshold, i.e. when the larger of the two score/threshold ratios is > 1.
+    def image(frames: Sequence[np.ndarray]) -> np.ndarray:
+        views = pack.predicted_views(pack.predict(list(frames)).probabilities)
+        got = pack.image_ood_scores(list(frames), views)
+        assert got is not None
+        return got
+
+    def rule(frames: Sequence[np.ndarray]) -> np.ndarray:
+        assert spec is not None and spec.image is not None
+        return np.maximum(ood_scores(pack, frames) / spec.threshold,
+                          image(frames) / spec.image.threshold)
+
+    i_in, r_in = image(inside_frames), rule(inside_frames)
+    for name, frames in outside.items():
+        rows.append(_row(pack, inside, name, i_in, image(frames), method="image stats",
+                         threshold=spec.image.threshold))
+        rows.append(_row(pack, inside, name, r_in, rule(frames), method="node's rule",
+                         threshold=1.0))
+    return rows
 
 
 def _table(rows: Sequence[Row]) -> str:

@@ -23,6 +23,7 @@ from modelkit.data import read_labelled_folder, simulate_frameset, split_by_stud
 from modelkit.drift import REFERENCE_SEED as DRIFT_REFERENCE_SEED
 from modelkit.drift import fit_pack_reference, write_reference
 from modelkit.evaluate import evaluate_pack, markdown_report, model_card, to_json, write_plots
+from modelkit.image_ood import fit_image_ood, write_image_ood
 from modelkit.info import cmd_info
 from modelkit.loops import LoopSet, read_loop_folder, simulate_loopset
 from modelkit.pack_writer import write_pack
@@ -59,7 +60,7 @@ from modelkit.train import (
 )
 from node.drift.reference import DEFAULT_FALSE_ALARMS
 from simulator.vendors import ACQUISITION_CHANGES
-from workers.models.manifest import PackError
+from workers.models.manifest import PackError, abstention_rules
 from workers.models.nets import POOLING, MultiTaskMobileNet
 from workers.models.packs import ModelPack
 
@@ -183,6 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     embeddings = network_outputs(net, train_set, spec=spec)["embedding"]
     cal = calibrate_members([net], cal_set, spec=spec, train_embeddings=embeddings)
+    image_ood = fit_image_ood(train_set, cal_set) if len(cal_set) >= 20 else None
     simulated = args.data is None or args.simulated_data
     manifest = multitask_manifest(
         name=args.name,
@@ -203,9 +205,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         input_size=(spec.height, spec.width),
     )
     manifest = apply_calibration(manifest, cal)
+    if image_ood is not None:
+        manifest["ood"]["image"] = image_ood.manifest_block()
     if pretrained is not None:
         manifest["training_data"]["pretrained_backbone"] = pretrained.summary()
-    pack = pack_from_networks(manifest, [net], ood=cal.ood)
+    pack = pack_from_networks(manifest, [net], ood=cal.ood,
+                              image_ood=None if image_ood is None else image_ood.scorer)
     evaluation = evaluate_pack(pack, test_set, held_out_vendor=_held_out())
     manifest["metrics"] = {
         "test_set": f"{len(test_set)} frames of held-out studies",
@@ -217,8 +222,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest,
         [net.state_dict()],
         ood=cal.ood,
+        image_ood=None if image_ood is None else image_ood.scorer,
         extra_files={
-            "MODEL_CARD.md": model_card(manifest, evaluation),
+            "MODEL_CARD.md": model_card(manifest, evaluation, abstention_rules(pack.manifest)),
             "EVALUATION.md": markdown_report(evaluation),
         },
     )
@@ -294,9 +300,8 @@ def _rewrite(pack: Any, manifest: dict[str, Any], out: Path) -> None:
         for name in ("MODEL_CARD.md", "EVALUATION.md"):
             if (pack.path / name).is_file():
                 extras[name] = (pack.path / name).read_text(encoding="utf-8")
-    write_pack(
-        out, manifest, [n.state_dict() for n in pack.networks], ood=pack.ood, extra_files=extras
-    )
+    write_pack(out, manifest, [n.state_dict() for n in pack.networks], ood=pack.ood,
+               image_ood=pack.image_ood, extra_files=extras)
 
 
 def cmd_calibrate(args: argparse.Namespace, *, target_sensitivity: float | None = None) -> int:
@@ -369,6 +374,56 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{', '.join(p.name for p in plots)}"
     )
     return 0
+
+
+def cmd_image_ood(args: argparse.Namespace) -> int:
+    """Add (or refit) a pack's image-statistics OOD score on in-distribution studies: 70 % of
+    the studies fit it, the other 30 % set its threshold; optionally re-evaluate the pack on
+    fresh studies and rewrite its metrics, model card and evaluation report."""
+    if args.evaluate_studies and args.evaluate_seed is None:
+        raise SystemExit("--evaluate-studies needs --evaluate-seed (a seed the fit never used)")
+    pack = ModelPack.load(args.pack, device=args.device)
+    frames = (_frames(args, _input_size(pack)) if args.data is not None or not args.simulated
+              else simulate_frameset(args.simulated, seed=args.seed,
+                                     input_size=_input_size(pack), processes=args.processes))
+    fit_part, threshold_part = split_by_study(frames, [0.7, 0.3], seed=args.seed)
+    fit = fit_image_ood(fit_part, threshold_part, tpr=args.tpr)
+    write_image_ood(args.pack, fit, version=args.version)
+    print(f"image statistics fitted on {fit.fit_frames} frames of "
+          f"{len(set(fit_part.study.tolist()))} studies ({', '.join(frames.vendors())}); "
+          f"threshold {fit.threshold:.3f} keeps {fit.tpr:.1%} of {fit.threshold_frames} frames "
+          f"of {len(set(threshold_part.study.tolist()))} other studies")
+    if args.evaluate_studies:
+        pack = ModelPack.load(args.pack, device=args.device)
+        test = simulate_frameset(args.evaluate_studies, seed=args.evaluate_seed,
+                                 input_size=_input_size(pack),
+                                 vendors=vendor_names(_vendor_styles()),
+                                 processes=args.processes)
+        held_out = _held_out()
+        result = evaluate_pack(pack, test, held_out_vendor=held_out)
+        manifest_path = args.pack / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["metrics"] = {
+            "test_set": (
+                f"{len(test)} frames of {args.evaluate_studies} fresh simulated studies (seed "
+                f"{args.evaluate_seed}), all vendors including held-out {held_out}, usual view "
+                f"mix ({test.qc_excluded} frames QC would not analyse left out)"),
+            **result["summary"],
+            "size": manifest.get("metrics", {}).get("size", {}),
+        }
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        rules = abstention_rules(ModelPack.load(args.pack, device="cpu").manifest)
+        (args.pack / "MODEL_CARD.md").write_text(model_card(manifest, result, rules),
+                                                 encoding="utf-8")
+        (args.pack / "EVALUATION.md").write_text(markdown_report(result), encoding="utf-8")
+        print(markdown_report(result))
+    return 0
+
+
+def _vendor_styles() -> Any:
+    from simulator import VENDOR_STYLES
+
+    return VENDOR_STYLES
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -684,6 +739,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("image-ood", help="fit a pack's image-statistics OOD score on "
+                       "in-distribution studies and store it in the pack")
+    p.add_argument("pack", type=Path)
+    _add_data_args(p)
+    p.add_argument("--tpr", type=float, default=0.95,
+                   help="share of the held-out in-distribution frames the threshold keeps")
+    p.add_argument("--version", default=None, help="give the pack this version")
+    p.add_argument("--evaluate-studies", type=int, default=0, metavar="N",
+                   help="then evaluate on N fresh simulated studies of every vendor and "
+                   "rewrite the pack's metrics, MODEL_CARD.md and EVALUATION.md")
+    p.add_argument("--evaluate-seed", type=int, default=None)
+    p.add_argument("--processes", type=int, default=2, help="simulation processes")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_image_ood)
 
     p = sub.add_parser("distill", help="train a smaller student from teacher pack(s)")
     p.add_argument(

@@ -30,6 +30,7 @@ from simulator.dicom import deterministic_uid
 from workers.imaging.pixels import PixelDataError, decode_dataset, load_instance
 from workers.imaging.qc import assess_instance
 from workers.imaging.types import DecodedInstance, InstanceQC, PreparedInstance
+from workers.models.image_statistics import image_statistics
 from workers.models.manifest import InputSpec, Region
 from workers.models.nets import CLASSIFICATION_HEADS, LUNG_LABELS, NODULE_LABELS, VIEW_LABELS
 from workers.models.preprocess import model_input, resize
@@ -57,6 +58,10 @@ class FrameSet:
     study: torch.Tensor
     qc_excluded: int = 0
     """Frames of the source left out because the node's QC would not analyse them."""
+    image_statistics: torch.Tensor | None = None
+    """``(N, 12)`` float32: :func:`workers.models.image_statistics.image_statistics` of each
+    frame's crop as received (before the resize), for the image-statistics OOD score;
+    ``None`` where the source did not measure them."""
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -72,6 +77,9 @@ class FrameSet:
                 )
         if self.quality.shape != (n,) or self.study.shape != (n,) or len(self.vendor) != n:
             raise ValueError("quality, study and vendor must have one entry per frame")
+        if self.image_statistics is not None and (
+                self.image_statistics.ndim != 2 or self.image_statistics.shape[0] != n):
+            raise ValueError("image_statistics must have one row per frame")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -84,6 +92,8 @@ class FrameSet:
             quality=self.quality[idx],
             vendor=[self.vendor[i] for i in idx.tolist()],
             study=self.study[idx],
+            image_statistics=(None if self.image_statistics is None
+                              else self.image_statistics[idx]),
         )
 
     def vendors(self) -> list[str]:
@@ -110,6 +120,9 @@ class FrameSet:
             vendor=[v for s in sets for v in s.vendor],
             study=torch.cat(studies),
             qc_excluded=sum(s.qc_excluded for s in sets),
+            image_statistics=(
+                torch.cat([s.image_statistics for s in sets])  # type: ignore[misc]
+                if all(s.image_statistics is not None for s in sets) else None),
         )
 
 
@@ -141,9 +154,19 @@ def node_input(
     after the resize (at most 0.5/255, below the pixels' own 8-bit step); training
     normalises with the same :func:`workers.models.preprocess.normalise`.
     """
+    return node_input_and_statistics(instance, qc, index, size, statistics=False)[0]
+
+
+def node_input_and_statistics(
+    instance: DecodedInstance, qc: InstanceQC, index: int, size: tuple[int, int], *,
+    statistics: bool = True,
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """:func:`node_input`, and the image statistics of the same crop before the resize (as
+    the Analyser measures them for a pack's image-statistics OOD score)."""
     crop = model_input(PreparedInstance(instance, qc), index, Region.SCAN_REGION)
     unit = resize(crop, InputSpec(height=int(size[0]), width=int(size[1])))
-    return (unit[0, 0].clamp(0, 1) * 255.0).round().to(torch.uint8)
+    image = (unit[0, 0].clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return image, (image_statistics(crop) if statistics else None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -178,7 +201,7 @@ class _StudyJob:
     """An acquisition change of the vendor's scanner (:data:`simulator.ACQUISITION_CHANGES`)."""
 
 
-_Row = tuple[np.ndarray, int, int, int, float, str]
+_Row = tuple[np.ndarray, int, int, int, float, str, np.ndarray]
 
 
 def draw_case(
@@ -231,7 +254,9 @@ def _simulate_study(job: _StudyJob) -> tuple[list[_Row], int]:
         if qc.failed or qc.scan_region is None:
             excluded += 1
             continue
-        image = node_input(instance, qc, qc.usable_frames[0], job.input_size).numpy()
+        tensor, stats = node_input_and_statistics(instance, qc, qc.usable_frames[0],
+                                                  job.input_size)
+        image = tensor.numpy()
         lab: Mapping[str, object] = frame.labels
         nodule_index = (
             _label_index(NODULE_LABELS, lab.get("nodule") or "none")
@@ -248,6 +273,7 @@ def _simulate_study(job: _StudyJob) -> tuple[list[_Row], int]:
                 lung,
                 float(q) if isinstance(q, int | float) else float("nan"),
                 str(lab.get("vendor", job.vendor)),
+                np.asarray(stats, np.float32),
             )
         )
     return out, excluded
@@ -359,6 +385,7 @@ def simulate_frameset(
         vendor=[f[5] for _, f in rows],
         study=torch.tensor([s for s, _ in rows], dtype=torch.int64),
         qc_excluded=excluded,
+        image_statistics=torch.from_numpy(np.stack([f[6] for _, f in rows])),
     )
 
 
@@ -431,6 +458,7 @@ def read_labelled_folder(
                 except Exception:  # any non-DICOM file is skipped
                     continue
     frames: list[torch.Tensor] = []
+    statistics: list[np.ndarray] = []
     labels: dict[str, list[int]] = {k: [] for k in CLASSIFICATION_HEADS}
     quality: list[float] = []
     vendors: list[str] = []
@@ -464,7 +492,9 @@ def read_labelled_folder(
         usable = [] if qc.failed or qc.scan_region is None else list(qc.usable_frames)
         excluded += len(instance.frame_indices) - len(usable)
         for index in usable:
-            frames.append(node_input(instance, qc, index, input_size))
+            frame, stats = node_input_and_statistics(instance, qc, index, input_size)
+            frames.append(frame)
+            statistics.append(np.asarray(stats, np.float32))
             for task, index_of_label in task_labels.items():
                 labels[task].append(index_of_label)
             quality.append(float(q) if q else float("nan"))
@@ -481,4 +511,5 @@ def read_labelled_folder(
         vendor=vendors,
         study=torch.tensor(studies, dtype=torch.int64),
         qc_excluded=excluded,
+        image_statistics=torch.from_numpy(np.stack(statistics)),
     )

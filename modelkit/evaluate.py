@@ -189,11 +189,23 @@ def _subset_metrics(
                     "mae": _round(float(np.abs(v - q[mask]).mean())),
                     "pearson_r": _round(corr),
                 }
-    if prediction.ood_score is not None and pack.manifest.ood is not None:
-        metrics["ood_flagged_fraction"] = _round(
-            float((prediction.ood_score > pack.manifest.ood.threshold).mean())
-        )
+    ood_spec = pack.manifest.ood
+    if prediction.ood_score is not None and ood_spec is not None:
+        flagged = prediction.ood_score > ood_spec.threshold
         metrics["ood_score_median"] = _round(float(np.median(prediction.ood_score)), 2)
+        if ood_spec.image is not None and pack.image_ood is not None:
+            if frames.image_statistics is None:
+                raise ValueError(f"{pack.name} has an image-statistics OOD score: the frames "
+                                 "must carry their image statistics")
+            image = pack.image_ood.score(frames.image_statistics.numpy(),
+                                         pack.predicted_views(prediction.probabilities))
+            by_image = image > ood_spec.image.threshold
+            # Each part alone, and the node's rule: either part flags the frame.
+            metrics["ood_score_flagged_fraction"] = _round(float(flagged.mean()))
+            metrics["image_ood_flagged_fraction"] = _round(float(by_image.mean()))
+            metrics["image_ood_score_median"] = _round(float(np.median(image)), 2)
+            flagged = flagged | by_image
+        metrics["ood_flagged_fraction"] = _round(float(flagged.mean()))
     return metrics
 
 
@@ -278,8 +290,10 @@ def summarise(result: Mapping[str, Any], held_out_vendor: str | None) -> dict[st
                 }
             elif isinstance(m, Mapping) and "mae" in m:
                 out[task] = {"mae": m["mae"], "pearson_r": m["pearson_r"]}
-        if "ood_flagged_fraction" in metrics:
-            out["ood_flagged_fraction"] = metrics["ood_flagged_fraction"]
+        for key in ("ood_flagged_fraction", "ood_score_flagged_fraction",
+                    "image_ood_flagged_fraction"):
+            if key in metrics:
+                out[key] = metrics[key]
         return out
 
     summary: dict[str, Any] = {"overall": headline(result["overall"])}
@@ -434,7 +448,17 @@ def markdown_report(result: Mapping[str, Any], *, header: bool = True) -> str:
             q = m.get("quality") or {}
             lines.append(f"| {name} | {_fmt(q.get('mae'))} | {_fmt(q.get('pearson_r'))} |")
         lines.append("")
-    if "ood_flagged_fraction" in result["overall"]:
+    if "image_ood_flagged_fraction" in result["overall"]:
+        lines += ["## out-of-distribution flag rate", "",
+                  "Flagged: by the embedding score or the image statistics (the node's rule).",
+                  "", "| subset | flagged | by the embedding score | by the image statistics |",
+                  "|---|---|---|---|"]
+        for name, m in rows:
+            lines.append(f"| {name} | {_fmt(m.get('ood_flagged_fraction'))} | "
+                         f"{_fmt(m.get('ood_score_flagged_fraction'))} | "
+                         f"{_fmt(m.get('image_ood_flagged_fraction'))} |")
+        lines.append("")
+    elif "ood_flagged_fraction" in result["overall"]:
         lines += ["## out-of-distribution flag rate", "", "| subset | flagged |", "|---|---|"]
         for name, m in rows:
             lines.append(f"| {name} | {_fmt(m.get('ood_flagged_fraction'))} |")
@@ -462,8 +486,10 @@ def _operating_point_text(op: Mapping[str, Any], result: Mapping[str, Any]) -> s
     )
 
 
-def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
-    """``MODEL_CARD.md`` of a pack: identity, intended use, data, calibration, metrics."""
+def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any],
+               rules: Sequence[str] = ()) -> str:
+    """``MODEL_CARD.md`` of a pack: identity, intended use, data, calibration, metrics, and
+    ``rules``, the pack's abstention rule (:func:`workers.models.manifest.abstention_rules`)."""
     simulated = bool(manifest["training_data"].get("simulated"))
     warning = (
         "> **NOT FOR CLINICAL USE.** This pack was trained and evaluated on **simulated** "
@@ -584,7 +610,17 @@ def model_card(manifest: Mapping[str, Any], result: Mapping[str, Any]) -> str:
                 if ood
                 else ""
             ),
+            (
+                f"Or: image statistics (grey levels and texture of the crop as received) at a "
+                f"Mahalanobis distance > {ood['image'].get('threshold')} from those of the "
+                f"training images of the predicted view (keeps {ood['image'].get('tpr')} of "
+                f"{ood['image'].get('frames')} held-out in-distribution frames)."
+                if ood.get("image")
+                else ""
+            ),
             "",
+            *(["## When the node abstains", "", *[f"{i}. {rule}" for i, rule in
+                                                   enumerate(rules, 1)], ""] if rules else []),
             "## Metrics on fresh simulated test studies",
             "",
             manifest.get("metrics", {}).get("test_set", ""),

@@ -49,7 +49,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             }
             for name, t in m.tasks.items()
         },
-        "ood": None if m.ood is None else {"threshold": m.ood.threshold, "tpr": m.ood.tpr},
+        "ood": None if m.ood is None else {
+            "method": m.ood.method.value, "threshold": m.ood.threshold, "tpr": m.ood.tpr,
+            "image": None if m.ood.image is None else {
+                "threshold": m.ood.image.threshold, "tpr": m.ood.image.tpr,
+                "frames": m.ood.image.frames}},
         "abstention": abstention_rules(m),
         "simulated_training_data": m.simulated,
         "verified": True,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from workers.models.image_statistics import ImageStatisticsScorer
 from workers.models.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -25,6 +26,9 @@ from workers.models.manifest import (
 )
 from workers.models.ood import EnergyScorer, MahalanobisScorer, OODDetector
 
+#: File of a pack's image-statistics OOD scorer.
+IMAGE_OOD_FILE = "ood_image_stats.npz"
+
 
 def write_pack(
     folder: str | Path,
@@ -32,6 +36,7 @@ def write_pack(
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     *,
     ood: OODDetector | None = None,
+    image_ood: ImageStatisticsScorer | None = None,
     extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a pack atomically: weights, OOD stats, hashes filled into ``manifest``.
@@ -42,6 +47,8 @@ def write_pack(
     ``temperature``. Threshold and ``tpr`` come from ``manifest["ood"]``. Without ``ood``,
     an energy block of ``manifest`` (which needs no file) is kept and any other dropped.
     The result is validated by :meth:`Manifest.from_dict` before the folder is replaced.
+    ``image_ood`` (with ``manifest["ood"]["image"]`` giving its threshold) is saved as
+    ``ood_image_stats.npz``; without it the manifest's ``ood.image`` is dropped.
     ``extra_files`` maps file names to text (e.g. ``MODEL_CARD.md``).
 
     Raises
@@ -79,6 +86,14 @@ def write_pack(
             document["ood"] = ood_doc
         else:
             document["ood"] = None
+        if document["ood"] is not None:
+            if image_ood is not None:
+                image_ood.save(staging / IMAGE_OOD_FILE)
+                document["ood"]["image"] = {**(document["ood"].get("image") or {}),
+                                            "stats": IMAGE_OOD_FILE,
+                                            "sha256": sha256_file(staging / IMAGE_OOD_FILE)}
+            else:
+                document["ood"].pop("image", None)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
         Manifest.from_dict(document)

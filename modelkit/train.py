@@ -30,6 +30,7 @@ from modelkit.calibration import (
     youden_threshold,
 )
 from modelkit.data import FrameSet
+from workers.models.image_statistics import ImageStatisticsScorer
 from workers.models.manifest import InputSpec, Manifest, NormalisationMode, OODMethod
 from workers.models.nets import (
     CLASSIFICATION_HEADS,
@@ -525,6 +526,7 @@ def apply_calibration(manifest: dict[str, Any], result: CalibrationResult) -> di
         }
     if result.operating_point is not None:
         manifest["tasks"]["nodule"]["operating_point"] = result.operating_point
+    image = (manifest.get("ood") or {}).get("image")  # a refit keeps the image statistics
     if result.ood.method is OODMethod.MAHALANOBIS:
         manifest["ood"] = {
             "method": OODMethod.MAHALANOBIS.value,
@@ -532,6 +534,7 @@ def apply_calibration(manifest: dict[str, Any], result: CalibrationResult) -> di
             "tpr": result.ood_tpr,
             "note": "Mahalanobis distance of the embedding to the training frames; threshold "
             "keeps this fraction of held-out in-distribution frames.",
+            **({"image": image} if image else {}),
         }
     else:  # a statistics-free detector: only its threshold is refitted
         manifest["ood"] = {
@@ -543,7 +546,8 @@ def apply_calibration(manifest: dict[str, Any], result: CalibrationResult) -> di
 
 
 def pack_from_networks(
-    manifest: dict[str, Any], nets: Sequence[nn.Module], *, ood: OODDetector | None = None
+    manifest: dict[str, Any], nets: Sequence[nn.Module], *, ood: OODDetector | None = None,
+    image_ood: ImageStatisticsScorer | None = None,
 ) -> ModelPack:
     """An in-memory :class:`ModelPack` (CPU) for evaluating before writing."""
     document = dict(manifest)
@@ -556,7 +560,15 @@ def pack_from_networks(
         document["ood"] = dict(document["ood"])
     else:
         document["ood"] = None
-    return ModelPack(Manifest.from_dict(document), nets, ood=ood, device="cpu")
+    if document["ood"] is not None and image_ood is not None and document["ood"].get("image"):
+        document["ood"]["image"] = {**document["ood"]["image"], "stats": "ood_image_stats.npz",
+                                    "sha256": "0" * 64}
+    else:
+        image_ood = None
+        if document["ood"] is not None:
+            document["ood"] = {k: v for k, v in document["ood"].items() if k != "image"}
+    return ModelPack(Manifest.from_dict(document), nets, ood=ood, image_ood=image_ood,
+                     device="cpu")
 
 
 def size_report(nets: Sequence[nn.Module]) -> dict[str, Any]:
@@ -586,7 +598,10 @@ REFERENCE_TEST_STUDIES = 500
 #: 1.3.1: the weights of 1.3.0, the apical four-chamber view coded with SNOMED CT.
 #: 1.3.2: the weights of 1.3.0, the drift reference refitted with the expected share of
 #: malignant nodules (``nodule_severe``) on a slow chart.
-REFERENCE_VERSION = "1.3.2"
+#: 1.4.0: the weights of 1.3.0, an image-statistics OOD score beside the embedding's (grey
+#: levels and texture per predicted view, ``sononode model image-ood``), metrics re-evaluated
+#: on the same 500 test studies, the drift reference refitted (its OOD rate moved).
+REFERENCE_VERSION = "1.4.0"
 #: View mix of the reference pack's training data (order of ``VIEW_LABELS``): 70 % thyroid
 #: frames, because the nodule head learns only from them and needs by far the most gradient
 #: steps; the other views are learnt from a few hundred frames each.
@@ -616,8 +631,10 @@ def build_reference_pack(
     """
     from modelkit.data import simulate_frameset, split_by_study, vendor_names
     from modelkit.evaluate import evaluate_pack, markdown_report, model_card
+    from modelkit.image_ood import fit_image_ood
     from modelkit.pack_writer import write_pack
     from simulator import HELD_OUT_VENDOR, VENDOR_STYLES
+    from workers.models.manifest import abstention_rules
 
     started = time.perf_counter()
     spec = default_input_spec()
@@ -637,6 +654,7 @@ def build_reference_pack(
     report = train_network(net, train_set, epochs=epochs, seed=seed, spec=spec, progress=progress)
     train_emb = network_outputs(net, train_set, spec=spec)["embedding"]
     cal = calibrate_members([net], cal_set, spec=spec, train_embeddings=train_emb)
+    image_ood = fit_image_ood(train_set, cal_set)
     vendors = vendor_names(VENDOR_STYLES)
     thyroid = int((train_set.labels["nodule"] >= 0).sum())
     description = (
@@ -659,6 +677,7 @@ def build_reference_pack(
         training_description=description,
     )
     manifest = apply_calibration(manifest, cal)
+    manifest["ood"]["image"] = image_ood.manifest_block()
     manifest["training_data"].update(
         {
             "seed": seed,
@@ -678,7 +697,7 @@ def build_reference_pack(
             "torch_threads": torch.get_num_threads(),
         }
     )
-    pack = pack_from_networks(manifest, [net], ood=cal.ood)
+    pack = pack_from_networks(manifest, [net], ood=cal.ood, image_ood=image_ood.scorer)
     test = simulate_frameset(
         test_studies,
         seed=seed + 2,
@@ -697,12 +716,13 @@ def build_reference_pack(
         **evaluation["summary"],
         "size": size_report([net]),
     }
-    card = model_card(manifest, evaluation)
+    card = model_card(manifest, evaluation, abstention_rules(pack.manifest))
     write_pack(
         out,
         manifest,
         [net.state_dict()],
         ood=cal.ood,
+        image_ood=image_ood.scorer,
         extra_files={"MODEL_CARD.md": card, "EVALUATION.md": markdown_report(evaluation)},
     )
     evaluation["train_report"] = {

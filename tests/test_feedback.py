@@ -77,7 +77,7 @@ def test_feedback_names_what_the_sr_shows_and_closes_the_loop(
     agreed = admin.post("/feedback", json=verdict(first.tracking_uid, verdict="agree"))
     assert agreed.status_code == 201, agreed.text
     assert agreed.json()["predicted_label"] == predicted[first.sop_instance_uid]
-    assert agreed.json()["model"] == "sononode-us-sim 1.3.2"
+    assert agreed.json()["model"] == "sononode-us-sim 1.4.0"
     assert agreed.json()["vendor"] == "aurora imaging"
     corrected = admin.post("/feedback", json=verdict(second.tracking_uid, verdict="corrected",
                                                      corrected_label=right))
@@ -106,7 +106,7 @@ def test_feedback_names_what_the_sr_shows_and_closes_the_loop(
     assert [(f["verdict"], f["corrected_label"]) for f in shown] == [
         ("agree", None), ("corrected", right)]
     metrics = admin.get("/metrics").text
-    assert ('sononode_feedback_total{model="sononode-us-sim 1.3.2",task="view",'
+    assert ('sononode_feedback_total{model="sononode-us-sim 1.4.0",task="view",'
             'vendor="aurora imaging",verdict="agree"} 1.0') in metrics
     events = admin.get("/audit", params={"study": summary.study_instance_uid}).json()["events"]
     assert sum(1 for e in events if e["action"] == "feedback") == 2

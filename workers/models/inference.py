@@ -86,6 +86,10 @@ def box_from_map(heat: np.ndarray, box: Box, *, fraction: float = 0.5) -> Box:
     return c0 + cols.start, r0 + rows.start, c0 + cols.stop, r0 + rows.stop
 
 
+#: Frames of an image whose statistics are measured for the image-statistics OOD score.
+IMAGE_STATISTICS_FRAMES = 4
+
+
 @dataclass(frozen=True)
 class PackOutputs:
     """What one pack made of one image, for drift monitoring (the SR reports decisions).
@@ -250,6 +254,7 @@ class Analyser:
             selected.append(sample_frames(usable, self.max_frames))
 
         per_pack: list[list[Prediction | None]] = []
+        per_pack_scores: list[list[float | None]] = []
         for pack in self.packs:
             crops = [
                 model_input(item, index, pack.input.region, pack.input.layouts)
@@ -258,22 +263,34 @@ class Analyser:
             ]
             prediction = pack.predict(crops, batch_size=self.batch_size) if crops else None
             per_image: list[Prediction | None] = []
+            scores: list[float | None] = []
             start = 0
             for frames in selected:
                 if not frames or prediction is None:
                     per_image.append(None)
+                    scores.append(None)
                     continue
                 per_image.append(_slice(prediction, start, start + len(frames)))
+                # The image's grey levels and texture: the mean over a few of its frames
+                # (a loop's frames look alike, and each frame costs about 7 ms).
+                picked = sample_frames(list(range(len(frames))), IMAGE_STATISTICS_FRAMES)
+                views = pack.predicted_views(
+                    {k: v[[start + i for i in picked]] for k, v in
+                     prediction.probabilities.items()})
+                got = pack.image_ood_scores([crops[start + i] for i in picked], views)
+                scores.append(None if got is None else float(np.mean(got)))
                 start += len(frames)
             per_pack.append(per_image)
+            per_pack_scores.append(scores)
 
         images = tuple(
-            self._image_result(item, frames, [preds[i] for preds in per_pack])
+            self._image_result(item, frames, [preds[i] for preds in per_pack],
+                               [scores[i] for scores in per_pack_scores])
             for i, (item, frames) in enumerate(zip(prepared, selected, strict=True))
         )
         outputs = tuple(
-            tuple(_outputs(pack, p) for p in preds)
-            for pack, preds in zip(self.packs, per_pack, strict=True)
+            tuple(_outputs(pack, p, score) for p, score in zip(preds, scores, strict=True))
+            for pack, preds, scores in zip(self.packs, per_pack, per_pack_scores, strict=True)
         )
         return Analysis(self._study_result(study_uid, images, assessable, study_checks), outputs)
 
@@ -282,6 +299,7 @@ class Analyser:
         item: PreparedInstance,
         frames: list[int],
         predictions: list[Prediction | None],
+        image_scores: list[float | None],
     ) -> ImageResult:
         inst, qc = item.instance, item.qc
         base = {
@@ -309,22 +327,32 @@ class Analyser:
         quality: float | None = None
         ood_score: float | None = None
         ood = False
-        for pack, prediction in zip(self.packs, predictions, strict=True):
+        for pack, prediction, image_score in zip(self.packs, predictions, image_scores,
+                                                 strict=True):
             if prediction is None:
                 continue
             pack_ood_reason = None
-            if prediction.ood_score is not None and pack.manifest.ood is not None:
+            spec = pack.manifest.ood
+            if prediction.ood_score is not None and spec is not None:
                 score = float(np.mean(prediction.ood_score))
                 if ood_score is None:
                     ood_score = score
-                if score > pack.manifest.ood.threshold:
-                    ood = True
+                if score > spec.threshold:
                     pack_ood_reason = (
                         f"input out of distribution: unlike the images {pack.name} was "
-                        f"trained on ({pack.manifest.ood.method.value} score {score:.2f}, "
-                        f"threshold {pack.manifest.ood.threshold:.2f})"
+                        f"trained on ({spec.method.value} score {score:.2f}, "
+                        f"threshold {spec.threshold:.2f})"
                     )
-                    reasons.append(pack_ood_reason)
+            if (pack_ood_reason is None and image_score is not None and spec is not None
+                    and spec.image is not None and image_score > spec.image.threshold):
+                pack_ood_reason = (
+                    f"input out of distribution: grey levels and texture unlike the images "
+                    f"{pack.name} was trained on (image statistics distance "
+                    f"{image_score:.2f}, threshold {spec.image.threshold:.2f})"
+                )
+            if pack_ood_reason is not None:
+                ood = True
+                reasons.append(pack_ood_reason)
             mean_probs = {k: v.mean(axis=0) for k, v in prediction.probabilities.items()}
             pack_view: _Decision | None = None
             view_task = pack.view_task
@@ -434,7 +462,8 @@ class Analyser:
         )
 
 
-def _outputs(pack: ModelPack, prediction: Prediction | None) -> PackOutputs | None:
+def _outputs(pack: ModelPack, prediction: Prediction | None,
+             image_score: float | None = None) -> PackOutputs | None:
     if prediction is None:
         return None
     labels: dict[str, str] = {}
@@ -459,9 +488,11 @@ def _outputs(pack: ModelPack, prediction: Prediction | None) -> PackOutputs | No
         if task.role is TaskRole.FINDING and top > 0 and severities.count(top) == 1:
             severe[task.name] = float(mean[severities.index(top)])
     score = None if prediction.ood_score is None else float(np.mean(prediction.ood_score))
-    flagged = bool(
-        score is not None and pack.manifest.ood is not None and score > pack.manifest.ood.threshold
-    )
+    spec = pack.manifest.ood
+    flagged = bool(spec is not None and (
+        (score is not None and score > spec.threshold)
+        or (image_score is not None and spec.image is not None
+            and image_score > spec.image.threshold)))
     embedding = np.asarray(prediction.embedding, np.float64)
     return PackOutputs(labels, confidence, score, flagged,
                        embedding.reshape(embedding.shape[0], -1).mean(axis=0), severe)

@@ -270,6 +270,21 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class ImageOODSpec:
+    """The image-statistics part of a pack's OOD detector
+    (:mod:`workers.models.image_statistics`): above ``threshold`` an image's grey levels
+    and texture are unlike the training images'."""
+
+    stats: str
+    sha256: str
+    threshold: float
+    tpr: float | None = None
+    """Fraction of the held-out in-distribution frames at or below ``threshold``."""
+    frames: int | None = None
+    """Held-out in-distribution frames the threshold was set on."""
+
+
+@dataclass(frozen=True)
 class OODSpec:
     """Out-of-distribution detector: above ``threshold`` an input is out of distribution.
 
@@ -285,6 +300,9 @@ class OODSpec:
     sha256: str | None = None
     task: str | None = None
     temperature: float = 1.0
+    image: ImageOODSpec | None = None
+    """Image statistics beside the score (an image is out of distribution when either is
+    above its threshold); ``None``: the score alone."""
 
 
 @dataclass(frozen=True)
@@ -462,6 +480,17 @@ def _ood(obj: _Fields, tasks: Mapping[str, TaskSpec]) -> OODSpec:
                 f"not '{method.value}'"
             )
     tpr = obj.number("tpr", required=False, low=0.0, high=1.0)
+    image_obj = obj.section("image", required=False)
+    image = None
+    if image_obj is not None:
+        frames = image_obj.data.get("frames")
+        image = ImageOODSpec(
+            stats=_relative(image_obj, "stats"),
+            sha256=_sha(image_obj, "sha256"),
+            threshold=image_obj.number("threshold", low=0.0),
+            tpr=image_obj.number("tpr", required=False, low=0.0, high=1.0),
+            frames=image_obj.integer("frames") if frames is not None else None,
+        )
     if method is OODMethod.MAHALANOBIS:
         return OODSpec(
             method=method,
@@ -469,6 +498,7 @@ def _ood(obj: _Fields, tasks: Mapping[str, TaskSpec]) -> OODSpec:
             sha256=_sha(obj, "sha256"),
             threshold=obj.number("threshold", low=0.0),
             tpr=tpr,
+            image=image,
         )
     views = [t.name for t in tasks.values() if t.role is TaskRole.VIEW]
     task_name = obj.text("task", required=not views, default=views[0] if views else None)
@@ -484,6 +514,7 @@ def _ood(obj: _Fields, tasks: Mapping[str, TaskSpec]) -> OODSpec:
         # An energy is a negative log-sum-exp: any finite threshold is meaningful.
         threshold=obj.number("threshold"),
         tpr=tpr,
+        image=image,
         task=task_name,
         temperature=obj.number("temperature", required=False, default=1.0, low=0.01, high=100),
     )
@@ -652,6 +683,8 @@ def verify_files(folder: str | Path, manifest: Manifest) -> None:
     files = [(m.weights, m.sha256) for m in manifest.members]
     if manifest.ood is not None and manifest.ood.stats and manifest.ood.sha256:
         files.append((manifest.ood.stats, manifest.ood.sha256))
+    if manifest.ood is not None and manifest.ood.image is not None:
+        files.append((manifest.ood.image.stats, manifest.ood.image.sha256))
     if manifest.drift is not None:
         files.append((manifest.drift.reference, manifest.drift.sha256))
     for name, expected in files:
@@ -684,6 +717,15 @@ def abstention_rules(manifest: Manifest) -> list[str]:
             f"{ood.method.value.capitalize()} score above {ood.threshold:g}{share}: out of "
             "distribution; no view and no finding are reported; the image needs review."
         )
+        if ood.image is not None:
+            kept = f", set to keep {ood.image.tpr:.1%} of" if ood.image.tpr else ", set on"
+            rests = f" {ood.image.frames}" if ood.image.frames else ""
+            rules.append(
+                f"Image statistics (grey levels and texture as received) at a Mahalanobis "
+                f"distance above {ood.image.threshold:g} from those of the training images "
+                f"of the predicted view{kept}{rests} held-out in-distribution frames: out of "
+                "distribution, as above."
+            )
     else:
         rules.append("No out-of-distribution detector: unfamiliar input is caught only by "
                      "QC and the rules below.")

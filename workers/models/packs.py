@@ -24,6 +24,7 @@ from torch import nn
 
 from dicom_sr.model import AlgorithmInfo
 from node.drift.reference import Reference
+from workers.models.image_statistics import ImageStatisticsScorer
 from workers.models.manifest import (
     InputSpec,
     Manifest,
@@ -114,6 +115,7 @@ class ModelPack:
         device: str | torch.device = "auto",
         sha256: str = "0" * 64,
         drift: Reference | None = None,
+        image_ood: ImageStatisticsScorer | None = None,
     ) -> None:
         if len(networks) != len(manifest.members):
             raise ValueError(
@@ -136,6 +138,27 @@ class ModelPack:
         self.drift = drift
         """The drift reference stored in the pack (``None``: the node collects a site
         baseline for it)."""
+        if (image_ood is None) != (spec is None or spec.image is None):
+            raise ValueError("an image-statistics scorer goes with the manifest's ood.image, "
+                             "and only with it")
+        self.image_ood = image_ood
+        """Scorer of the image statistics (``manifest.ood.image``), if the pack has one."""
+
+    def image_ood_scores(self, crops: Sequence[np.ndarray],
+                         views: Sequence[str] | None = None) -> np.ndarray | None:
+        """Image-statistics distances ``(N,)`` of grey crops as the node makes them (before
+        resizing), each to the training frames of its predicted view (``views``, from
+        :meth:`predicted_views`), or ``None`` when the pack has no such scorer."""
+        if self.image_ood is None or not crops:
+            return None
+        return self.image_ood.score_crops(list(crops), None if views is None else list(views))
+
+    def predicted_views(self, probabilities: Mapping[str, np.ndarray]) -> list[str] | None:
+        """The most probable view label of each frame (``None``: the pack has no view)."""
+        task = self.view_task
+        if task is None or task.name not in probabilities:
+            return None
+        return [task.label_names[int(i)] for i in probabilities[task.name].argmax(axis=1)]
 
     # -- loading -----------------------------------------------------------------------
     @classmethod
@@ -182,11 +205,19 @@ class ModelPack:
             if manifest.ood is not None
             else None
         )
+        image_ood = None
+        if manifest.ood is not None and manifest.ood.image is not None:
+            try:
+                image_ood = ImageStatisticsScorer.load(folder / manifest.ood.image.stats)
+            except (OSError, ValueError, KeyError) as exc:
+                raise PackFormatError(
+                    f"model pack {folder}: invalid image statistics: {exc}") from exc
         pack = cls(
             manifest,
             networks,
             path=folder,
             ood=ood,
+            image_ood=image_ood,
             device=resolved,
             sha256=manifest.sha256,
             drift=_drift_reference(folder, manifest),
