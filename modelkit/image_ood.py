@@ -67,8 +67,15 @@ def fit_image_ood(fit: FrameSet, held_out: FrameSet, *, tpr: float = DEFAULT_TPR
     labelled view (at inference the node takes the predicted one)."""
     if not 0.5 <= tpr < 1.0:
         raise ValueError(f"tpr must be within [0.5, 1), got {tpr}")
-    scorer = ImageStatisticsScorer.fit(_statistics(fit, "fitting"), _views(fit, view_names))
-    distances = scorer.score(_statistics(held_out, "held-out"), _views(held_out, view_names))
+    fitting, thresholding = _statistics(fit, "fitting"), _statistics(held_out, "held-out")
+    # Never set the threshold on frames the Gaussians were fitted on: a frame's statistics
+    # are its fingerprint (identical rows are the same crop).
+    fitted = {row.tobytes() for row in fitting}
+    if any(row.tobytes() in fitted for row in thresholding):
+        raise ValueError("the held-out frames include frames the statistics were fitted on: "
+                         "set the threshold on other studies")
+    scorer = ImageStatisticsScorer.fit(fitting, _views(fit, view_names))
+    distances = scorer.score(thresholding, _views(held_out, view_names))
     if distances.size < 20:
         raise ValueError(f"a threshold needs at least 20 held-out frames, got {distances.size}")
     return ImageOODFit(scorer, float(np.quantile(distances, tpr)), tpr, len(fit), len(held_out))

@@ -197,6 +197,11 @@ def test_fit_needs_statistics_and_enough_held_out_frames() -> None:
         fit_image_ood(bare, frames)
     with pytest.raises(ValueError, match="tpr"):
         fit_image_ood(frames, frames, tpr=1.0)
+    # The threshold is never set on a frame the Gaussians were fitted on.
+    with pytest.raises(ValueError, match="include frames the statistics were fitted on"):
+        fit_image_ood(frames, frames)
+    with pytest.raises(ValueError, match="include frames the statistics were fitted on"):
+        fit_image_ood(frames, frames.subset(np.arange(25)))
 
 
 def test_write_image_ood_refuses_a_pack_without_a_detector(tmp_path: Path) -> None:
