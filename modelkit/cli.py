@@ -412,7 +412,8 @@ def cmd_image_ood(args: argparse.Namespace) -> int:
             "size": manifest.get("metrics", {}).get("size", {}),
         }
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-        rules = abstention_rules(ModelPack.load(args.pack, device="cpu").manifest)
+        # The metrics just written do not change the rule: the pack loaded above has it.
+        rules = abstention_rules(pack.manifest)
         (args.pack / "MODEL_CARD.md").write_text(model_card(manifest, result, rules),
                                                  encoding="utf-8")
         (args.pack / "EVALUATION.md").write_text(markdown_report(result), encoding="utf-8")

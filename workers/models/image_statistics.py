@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from workers.models.ood import shrunk_gaussian
+
 #: Names of the statistics, in the order of :func:`image_statistics`' vector.
 STATISTICS: tuple[str, ...] = (
     "grey_q05", "grey_q25", "grey_q50", "grey_q75", "grey_q95", "grey_sd",
@@ -122,12 +124,6 @@ class ImageStatisticsScorer:
         self.precisions = precisions.astype(np.float64)
         self.classes = tuple(classes)
 
-    @staticmethod
-    def _gaussian(x: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
-        cov = np.cov(x, rowvar=False)
-        target = np.eye(cov.shape[0]) * np.trace(cov) / cov.shape[0]
-        return x.mean(axis=0), np.linalg.pinv((1 - shrinkage) * cov + shrinkage * target)
-
     @classmethod
     def fit(cls, statistics: np.ndarray, classes: np.ndarray | list[str] | None = None, *,
             shrinkage: float = 0.1) -> ImageStatisticsScorer:
@@ -140,7 +136,7 @@ class ImageStatisticsScorer:
             raise ValueError(f"fitting needs (N >= {minimum}, {len(STATISTICS)}) statistics, "
                              f"got {x.shape}")
         names, means, precisions = [POOLED], [], []
-        mean, precision = cls._gaussian(x, shrinkage)
+        mean, precision = shrunk_gaussian(x, shrinkage)
         means.append(mean)
         precisions.append(precision)
         if classes is not None:
@@ -150,7 +146,7 @@ class ImageStatisticsScorer:
             for name in sorted(set(labels.tolist()) - {POOLED}):
                 rows = x[labels == name]
                 if rows.shape[0] >= minimum:
-                    mean, precision = cls._gaussian(rows, shrinkage)
+                    mean, precision = shrunk_gaussian(rows, shrinkage)
                     names.append(name)
                     means.append(mean)
                     precisions.append(precision)

@@ -18,6 +18,14 @@ import numpy as np
 from workers.models.manifest import OODMethod, OODSpec, PackFormatError, TaskKind, TaskSpec
 
 
+def shrunk_gaussian(x: np.ndarray, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and precision of rows ``x``, the covariance shrunk towards its diagonal scale
+    by a fixed ``shrinkage`` (Ledoit-Wolf style)."""
+    cov = np.cov(x, rowvar=False)
+    target = np.eye(cov.shape[0]) * np.trace(cov) / cov.shape[0]
+    return x.mean(axis=0), np.linalg.pinv((1 - shrinkage) * cov + shrinkage * target)
+
+
 class MahalanobisScorer:
     """Mahalanobis distance of an embedding to the training distribution
     (:attr:`OODMethod.MAHALANOBIS`)."""
@@ -36,12 +44,7 @@ class MahalanobisScorer:
     @classmethod
     def fit(cls, embeddings: np.ndarray, *, shrinkage: float = 0.1) -> MahalanobisScorer:
         """Fit mean and shrunk covariance (Ledoit-Wolf style, fixed ``shrinkage``)."""
-        x = np.asarray(embeddings, np.float64)
-        mean = x.mean(axis=0)
-        cov = np.cov(x, rowvar=False)
-        target = np.eye(cov.shape[0]) * np.trace(cov) / cov.shape[0]
-        cov = (1 - shrinkage) * cov + shrinkage * target
-        return cls(mean, np.linalg.pinv(cov))
+        return cls(*shrunk_gaussian(np.asarray(embeddings, np.float64), shrinkage))
 
     def score(self, embeddings: np.ndarray) -> np.ndarray:
         d = np.asarray(embeddings, np.float64) - self.mean
