@@ -7,8 +7,9 @@ instance's arrival plus ``SONONODE_STUDY_STABLE_SECONDS``) and the moment the SR
 Orthanc (polled every 25 ms, which adds 12 ms on average; Orthanc stores an instance
 before it answers Success, so this is no earlier than the PACS's Success). The node's own
 timestamps split the interval into the scheduling wait (stable moment to job created),
-each stage, and the rest (hops between stages, the export's association and the PACS
-storing the SR).
+each stage, the export (SR written to the PACS's Success: the hop to the export task, the
+association and the PACS storing the SR) and the rest (the hops between the stages, and
+this script's polling).
 
     python bench/latency.py [--studies 20] [--images 4] [--loops 1] [--frames 16]
 """
@@ -79,6 +80,11 @@ def main() -> None:
                 row = {"total": in_pacs - stable,
                        "scheduling": epoch_seconds(job["created_at"]) - stable,
                        **(job["stage_seconds"] or {})}
+                export = job["exports"][0]
+                # From the SR written to the PACS's Success: the hop to the export task, the
+                # association and the PACS storing the SR.
+                row["export"] = epoch_seconds(export["sent_at"]) - epoch_seconds(
+                    export["created_at"])
                 row["other"] = row["total"] - sum(v for k, v in row.items() if k != "total")
                 rows.append(row)
                 print(f"study {i:2d} ({vendors[i % len(vendors)]}): {row['total']:.2f} s  "

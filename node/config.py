@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     max_frames_per_loop: int = Field(
         default=16, ge=1, description="Frames sampled from a cine loop for inference."
     )
+    qc_threads: int = Field(
+        default=2, ge=1, le=64,
+        description="Instances of a study the QC stage decodes and checks at once (threads: "
+        "pydicom's decoders and numpy release the interpreter lock).",
+    )
     inference_batch_size: int = Field(default=32, ge=1, description="Frames per model batch.")
     device: str = Field(default="auto", description="Torch device: auto, cpu or cuda[:N].")
     worker_concurrency: int = Field(default=2, ge=1, description="Celery worker processes.")

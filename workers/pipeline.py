@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -233,9 +235,49 @@ def unassessable(code: str, message: str) -> InstanceQC:
 KEEP_DECODED_BYTES = 512 * 1024 * 1024
 
 
+def _assess_one(source: SourceImage, max_frames: int
+                ) -> tuple[DecodedInstance | None, InstanceQC]:
+    """Decode one source and run QC on it; a failure is the outcome, never raised."""
+    uid = source.header.sop_instance_uid
+    try:
+        decoded = load_instance(source.path, max_frames=max_frames)
+        return decoded, assess_instance(decoded)
+    except PixelDataError as exc:
+        logger.warning("%s cannot be decoded: %s", uid, exc.reason.value)
+        return None, unassessable(exc.reason.value, str(exc))
+    except Exception as exc:
+        logger.exception("QC of %s failed; reported as not assessable", uid)
+        return None, unassessable(QC_ERROR, f"quality control failed ({type(exc).__name__})")
+
+
+def _assessed(sources: Sequence[SourceImage], max_frames: int, threads: int
+              ) -> Iterator[tuple[SourceImage, DecodedInstance | None, InstanceQC]]:
+    """Each source with its decoded frames and QC, in order, ``threads`` at a time.
+
+    At most ``threads`` instances are in work beyond the one handed out, so the decoded
+    frames held at once stay bounded however long the study.
+    """
+    if threads <= 1 or len(sources) <= 1:
+        for source in sources:
+            yield (source, *_assess_one(source, max_frames))
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qc") as pool:
+        pending: deque[tuple[SourceImage, Future[tuple[DecodedInstance | None, InstanceQC]]]]
+        pending = deque()
+        for source in sources:
+            pending.append((source, pool.submit(_assess_one, source, max_frames)))
+            if len(pending) > threads:
+                first, future = pending.popleft()
+                yield (first, *future.result())
+        while pending:
+            first, future = pending.popleft()
+            yield (first, *future.result())
+
+
 def assess(sources: Sequence[SourceImage], *, max_frames: int,
-           keep: dict[str, DecodedInstance] | None = None) -> StudyQC:
-    """Decode every source and run QC on it, then the study-level checks.
+           keep: dict[str, DecodedInstance] | None = None, threads: int = 1) -> StudyQC:
+    """Decode every source and run QC on it (``threads`` instances at once), then the
+    study-level checks.
 
     An instance that cannot be decoded or assessed is recorded as failed with the reason;
     it never stops the others from being assessed. With ``keep``, the decoded instances
@@ -244,19 +286,8 @@ def assess(sources: Sequence[SourceImage], *, max_frames: int,
     kept = 0
     records: dict[str, QCRecord] = {}
     prepared: list[PreparedInstance] = []
-    for source in sources:
+    for source, decoded, qc in _assessed(sources, max_frames, threads):
         uid = source.header.sop_instance_uid
-        decoded: DecodedInstance | None = None
-        try:
-            decoded = load_instance(source.path, max_frames=max_frames)
-            qc = assess_instance(decoded)
-        except PixelDataError as exc:
-            logger.warning("%s cannot be decoded: %s", uid, exc.reason.value)
-            decoded, qc = None, unassessable(exc.reason.value, str(exc))
-        except Exception as exc:
-            logger.exception("QC of %s failed; reported as not assessable", uid)
-            decoded = None
-            qc = unassessable(QC_ERROR, f"quality control failed ({type(exc).__name__})")
         if decoded is None:
             records[uid] = QCRecord.of(qc, None, frames_total=source.header.number_of_frames)
             prepared.append(PreparedInstance(source.header, qc))
@@ -307,7 +338,8 @@ def run_qc(ctx: WorkerContext, job_id: int, *,
             return None
         study_uid = job.study_instance_uid
     sources = ctx.sources(study_uid)
-    study_qc = assess(sources, max_frames=ctx.settings.max_frames_per_loop, keep=keep)
+    study_qc = assess(sources, max_frames=ctx.settings.max_frames_per_loop, keep=keep,
+                      threads=ctx.settings.qc_threads)
     if replicate:
         upload_for_inference(ctx.instance_store(), sources, study_qc)
     with ctx.db.session() as session:

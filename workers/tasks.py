@@ -30,6 +30,7 @@ from workers.celery_app import GPU_QUEUE, app
 from workers.dispatch import TaskName, dispatch_export
 from workers.export import ExportTransientError
 from workers.heartbeat import Heartbeat, worker_name
+from workers.warmup import freeze_long_lived, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +57,23 @@ def context() -> pipeline.WorkerContext:
 
 @worker_process_init.connect
 def _init_process(**_: Any) -> None:
-    """Load the model packs once per worker process, before the first task."""
+    """Load the model packs once per worker process and warm every stage up, before the
+    first task."""
     global _context
     _context = None  # never reuse a parent's engine across fork
     ctx = context()
+    analyser = None
     if ctx.settings.preload_models:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.settings.worker_concurrency))
-        ctx.analyser()
-        try:
-            from dicom_sr.builder import warm_up
-
-            warm_up()
-        except Exception:
-            logger.exception("SR builder warm-up failed; the first report is built cold")
+        analyser = ctx.analyser()
+    try:
+        seconds = warm_up(analyser, max_frames=ctx.settings.max_frames_per_loop)
+        logger.debug("warm-up study done in %.2f s", seconds)
+    except Exception:
+        logger.exception("warm-up failed; the first study is handled cold")
+    freeze_long_lived()
 
 
 _heartbeat: Heartbeat | None = None

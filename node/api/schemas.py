@@ -63,6 +63,8 @@ class ExportOut(_Body):
     state: ExportState
     attempts: int
     last_error: str | None
+    created_at: UTCDateTime | None
+    """When the SR was written and the delivery queued."""
     updated_at: UTCDateTime | None
     sent_at: UTCDateTime | None
 
