@@ -14,6 +14,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -38,14 +39,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Make the data of the file at ``path`` durable."""
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
 
 
-def _replace_durably(temp_file: Path, final: Path) -> None:
-    """fsync ``temp_file``, rename it to ``final`` (same filesystem), fsync the folder."""
-    _fsync_file(temp_file)
+def _replace_durably(temp_file: Path, final: Path, *,
+                     data_synced: Future[None] | None = None) -> None:
+    """fsync ``temp_file`` (or wait for ``data_synced``, an fsync of it already under way),
+    rename it to ``final`` (same filesystem), fsync the folder."""
+    if data_synced is None:
+        fsync_file(temp_file)
+    else:
+        data_synced.result()
     os.replace(temp_file, final)
     fsync_dir(final.parent)
 
@@ -99,16 +106,19 @@ class Spool:
             raise ValueError(f"path {relative!r} lies outside the spool")
         return path
 
-    def commit(self, temp_file: Path, relative: Path) -> Path:
+    def commit(self, temp_file: Path, relative: Path, *,
+               data_synced: Future[None] | None = None) -> Path:
         """Make ``temp_file`` durable and move it to ``relative`` inside the spool.
 
         The file's data is fsynced before the rename and the directory after it, so a
         crash at any point leaves either no file or the complete file in the spool.
+        ``data_synced`` is an fsync of ``temp_file`` the caller started earlier (the
+        listener overlaps it with parsing the header): it is waited for, not repeated.
         """
         final = self.root / relative
         self._make_dirs(final.parent)
         if temp_file.stat().st_dev == final.parent.stat().st_dev:
-            _replace_durably(temp_file, final)
+            _replace_durably(temp_file, final, data_synced=data_synced)
         else:
             # Different filesystems (a misconfigured temp dir): copy, then replace.
             write_durably(final, lambda partial: shutil.copyfile(temp_file, partial))

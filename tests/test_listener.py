@@ -273,3 +273,27 @@ def test_listeners_sharing_a_data_folder_sweep_only_their_own_transfers(tmp_path
         os.utime(path, (old, old))
     assert mine.sweep_incoming() == 3
     assert [p.name for p in incoming.glob("*/*")] == ["tmp2"]
+
+
+def test_the_spool_renames_only_after_the_fsync_it_was_handed(tmp_path: Path) -> None:
+    """The listener starts each file's fsync early (node.handlers); the rename waits for it,
+    and a failed fsync leaves nothing in the spool."""
+    from concurrent.futures import Future
+
+    from node.spool import Spool
+
+    spool = Spool(tmp_path / "spool", tmp_path / "incoming")
+    relative = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    temp = spool.incoming / "received.tmp"
+    temp.write_bytes(b"dataset")
+
+    failed: Future[None] = Future()
+    failed.set_exception(OSError(5, "I/O error on fsync"))
+    with pytest.raises(OSError, match="fsync"):
+        spool.commit(temp, relative, data_synced=failed)
+    assert temp.exists() and not (spool.root / relative).exists()
+
+    done: Future[None] = Future()
+    done.set_result(None)
+    final = spool.commit(temp, relative, data_synced=done)
+    assert final.read_bytes() == b"dataset" and not temp.exists()
