@@ -95,7 +95,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         # Inference workers load their packs at start, not on the first study.
         os.environ.setdefault("SONONODE_PRELOAD_MODELS", "1")
     settings = _setup("worker")
+    from node.metrics import serve_own_metrics
     from workers.celery_app import app
+
+    try:
+        serve_own_metrics(settings)
+    except OSError as exc:
+        raise PortInUse(f"the metrics port {settings.http_host}:{settings.metrics_port} is not "
+                        f"free ({exc.strerror}); stop what uses it or set "
+                        "SONONODE_METRICS_PORT") from exc
 
     concurrency = args.concurrency or settings.worker_concurrency
     app.worker_main(

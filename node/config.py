@@ -152,6 +152,12 @@ class Settings(BaseSettings):
         default=False,
         description="Serve /metrics without a token (for a scraper on a private network).",
     )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="A worker on a host without the node's shared data volume: serve its own "
+        "metrics at http://<SONONODE_HTTP_HOST>:<port>/metrics, with no token (so it needs "
+        "SONONODE_METRICS_OPEN=true); 0: the API serves every process's metrics.",
+    )
     environment: Literal["production", "development"] = Field(
         default="production",
         description="development allows placeholder API tokens; production refuses them.",
@@ -280,6 +286,13 @@ class Settings(BaseSettings):
         for path in (self.dicom_tls_cert, self.dicom_tls_key, self.dicom_tls_ca):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        return self
+
+    @model_validator(mode="after")
+    def _open_metrics_port(self) -> Settings:
+        if self.metrics_port and not self.metrics_open:
+            raise ValueError("SONONODE_METRICS_PORT serves metrics without a token: set "
+                             "SONONODE_METRICS_OPEN=true as well (a private network only)")
         return self
 
     @field_validator("model_packs", "calling_ae_whitelist", mode="before")

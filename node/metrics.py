@@ -9,7 +9,15 @@ CLI sets it (``node/cli.py``, ``_setup``) before any role imports this module. W
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from node.config import Settings
 
 _TASK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -105,3 +113,21 @@ MODEL_LOADED = Gauge(
     ["model", "version", "device"],
     multiprocess_mode="livemax",
 )
+
+
+def serve_own_metrics(settings: Settings) -> WSGIServer | None:
+    """Serve this host's metrics files at ``SONONODE_METRICS_PORT`` (``None`` when it is 0).
+
+    For a worker on a host that does not mount the node's data volume (a GPU host reading
+    instances from the object store): its processes write their multiprocess files to its
+    own ``<data>/metrics``, which the API never sees, so Prometheus scrapes it here instead.
+    prometheus-client's own server, in a thread of the calling process (the Celery main
+    process, before it forks its pool).
+    """
+    if not settings.metrics_port:
+        return None
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(settings.process_metrics_dir))  # type: ignore[no-untyped-call]
+    server, _ = start_http_server(settings.metrics_port, addr=settings.http_host,
+                                  registry=registry)
+    return server
