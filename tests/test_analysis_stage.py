@@ -76,15 +76,6 @@ def test_beyond_the_memory_bound_inference_decodes_again(node: InProcessNode, tm
     assert len([im for im in inferred.result.images if im.view is not None]) == 3
 
 
-def _study_uids(node: InProcessNode) -> set[str]:
-    from sqlalchemy import select
-
-    from node.db import Instance
-
-    with node.db.session() as session:
-        return set(session.scalars(select(Instance.study_instance_uid)).all())
-
-
 def _truncate_pixels(path: Path) -> None:
     """Cut a spooled file short inside its pixel data (decoding it then fails)."""
     data = path.read_bytes()
@@ -93,12 +84,12 @@ def _truncate_pixels(path: Path) -> None:
 
 def test_qc_threads_give_the_sequential_outcome_in_order(node: InProcessNode,
                                                           tmp_path: Path) -> None:
-    simulate_study(tmp_path, seed=43, vendor="Kestrel Sonics", n_images=3, n_loops=1,
-                   frames_per_loop=4)
-    before = _study_uids(node)
-    node.send(sorted(tmp_path.glob("**/*.dcm")))
-    (uid,) = _study_uids(node) - before
+    with node.db.session() as session:
+        job = session.get(Job, _new_job(node, tmp_path, seed=43))
+        assert job is not None
+        uid = job.study_instance_uid
     sources = node.ctx.sources(uid)
+    assert len(sources) == 3
     _truncate_pixels(sources[1].path)  # one broken instance among the sound ones
 
     sequential = pipeline.assess(sources, max_frames=16, threads=1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import io
-import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -31,17 +30,13 @@ from scipy import ndimage
 
 from dicom_sr.builder import build_sr
 from dicom_sr.builder import warm_up as warm_up_sr
+from node.sop_classes import SOPClass
 from workers.imaging.pixels import decode_dataset
 from workers.imaging.qc import assess_instance, assess_study
 from workers.imaging.types import PreparedInstance
 
 if TYPE_CHECKING:
     from workers.models.inference import Analyser
-
-logger = logging.getLogger(__name__)
-
-_US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
-_US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 
 
 def sector_frames(n: int, *, rows: int = 480, cols: int = 640, seed: int = 0) -> np.ndarray:
@@ -66,7 +61,7 @@ def synthetic_instance(frames: np.ndarray, study_uid: str) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = _US_MULTIFRAME if n > 1 else _US_IMAGE
+    ds.SOPClassUID = SOPClass.US_MULTIFRAME.value if n > 1 else SOPClass.US_IMAGE.value
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = generate_uid()
