@@ -78,16 +78,20 @@ class Receiver:
     name: str
     port: int
     aet: str
-    pid: int
+    pids: list[int]
+    """The receiving processes (several node listeners with --listener-processes)."""
     stop: Callable[[], None]
     rates: list[float] = field(default_factory=list)
     cpu_per_instance: list[float] = field(default_factory=list)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its threads (``/proc/PID/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of processes and their threads (``/proc/PID/stat``)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def start_bare(folder: Path) -> Receiver:
@@ -100,13 +104,19 @@ def start_bare(folder: Path) -> Receiver:
         process.terminate()
         process.wait(timeout=10)
 
-    return Receiver("pynetdicom", port, "BARE", process.pid, stop)
+    return Receiver("pynetdicom", port, "BARE", [process.pid], stop)
 
 
-def listener_pid(node: Node) -> int:
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(node.process.pid)],
-                         capture_output=True, text=True, check=True).stdout
-    return next(int(line.split()[0]) for line in out.splitlines() if "node.cli listener" in line)
+def listener_pids(node: Node, count: int) -> list[int]:
+    """The node's ``count`` listener processes (once all have started)."""
+    def find() -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(node.process.pid)],
+                             capture_output=True, text=True, check=True).stdout
+        return [int(line.split()[0]) for line in out.splitlines()
+                if "node.cli listener" in line]
+
+    wait_for(lambda: len(find()) == count, timeout=60, what=f"{count} listener processes")
+    return find()
 
 
 def send(receiver: Receiver, files: list[Path], *,
@@ -120,7 +130,7 @@ def measure(receiver: Receiver, batches: list[list[Path]]) -> tuple[float, float
     """Send ``batches`` at once (one association each): instances/s, CPU s per instance,
     senders that failed."""
     total = sum(len(files) for files in batches)
-    cpu = cpu_seconds(receiver.pid)
+    cpu = cpu_seconds(receiver.pids)
     start = time.perf_counter()
     senders = [send(receiver, files, aet=f"MOD{i}") for i, files in enumerate(batches)]
     failed = 0
@@ -130,7 +140,7 @@ def measure(receiver: Receiver, batches: list[list[Path]]) -> tuple[float, float
             failed += 1
             print(f"  {receiver.name}: dcmsend failed: {err.decode()[-300:]}")
     elapsed = time.perf_counter() - start
-    return total / elapsed, (cpu_seconds(receiver.pid) - cpu) / total, failed
+    return total / elapsed, (cpu_seconds(receiver.pids) - cpu) / total, failed
 
 
 def simulate(folder: Path, *, seed: int, instances: int, loops: int, frames: int) -> list[Path]:
@@ -151,6 +161,8 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=0,
                         help="also send this many studies at once (0: not)")
     parser.add_argument("--no-orthanc", action="store_true")
+    parser.add_argument("--listener-processes", type=int, default=1,
+                        help="the node's SONONODE_LISTENER_PROCESSES")
     parser.add_argument("--bare-listener", nargs=2, metavar=("PORT", "FOLDER"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -158,7 +170,8 @@ def main() -> None:
         bare_listener(int(args.bare_listener[0]), Path(args.bare_listener[1]))
         return
 
-    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs); "
+          f"node listener processes: {args.listener_processes}")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         studies = [simulate(tmp / f"study{r}", seed=1000 + r, instances=args.instances,
@@ -170,8 +183,11 @@ def main() -> None:
         receivers: list[Receiver] = []
         # Analysis is held back (long stable time) so only receiving is measured.
         node = start_node(tmp / "data", extra_env={"SONONODE_STUDY_STABLE_SECONDS": "36000",
-                                                   "SONONODE_MAX_ASSOCIATIONS_PER_PEER": "64"})
-        receivers.append(Receiver("sononode", node.dicom_port, "SONONODE", listener_pid(node),
+                                                   "SONONODE_MAX_ASSOCIATIONS_PER_PEER": "64",
+                                                   "SONONODE_LISTENER_PROCESSES":
+                                                       str(args.listener_processes)})
+        receivers.append(Receiver("sononode", node.dicom_port, "SONONODE",
+                                  listener_pids(node, args.listener_processes),
                                   node.stop))
         receivers.append(start_bare(tmp / "bare"))
         if not args.no_orthanc:
@@ -179,8 +195,8 @@ def main() -> None:
             orthanc.start()
             assert orthanc.process is not None
             receivers.append(Receiver("orthanc", orthanc.dicom_port, orthanc.aet,
-                                      orthanc.process.pid, orthanc.stop))
-        rss_before = _peak_rss_mb(receivers[0].pid)
+                                      [orthanc.process.pid], orthanc.stop))
+        rss_before = _peak_rss_mb(receivers[0].pids)
         try:
             for files in studies:  # interleaved, so that load changes hit all alike
                 for receiver in receivers:
@@ -196,7 +212,7 @@ def main() -> None:
                       f"{statistics.median(r.cpu_per_instance) * 1000:.1f} ms")
             largest = max(f.stat().st_size for files in studies for f in files) / 1e6
             print(f"sononode listener peak RSS {rss_before:.0f} MB before, "
-                  f"{_peak_rss_mb(receivers[0].pid):.0f} MB after (largest instance "
+                  f"{_peak_rss_mb(receivers[0].pids):.0f} MB after (largest instance "
                   f"{largest:.1f} MB)")
             print(f"sononode / pynetdicom: {rates['sononode'] / rates['pynetdicom']:.2f}")
             if "orthanc" in rates:
@@ -215,11 +231,12 @@ def _open_associations(port: int) -> int:
     return len(out.splitlines())
 
 
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def _peak_rss_mb(pids: list[int]) -> float:
+    """The largest peak resident memory (``VmHWM``) among ``pids``."""
+    peaks = [int(line.split()[1]) / 1024 for pid in pids
+             for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+             if line.startswith("VmHWM:")]
+    return max(peaks, default=float("nan"))
 
 
 def concurrent(node: Node, bare: Receiver, tmp: Path, args: argparse.Namespace) -> None:
@@ -227,7 +244,7 @@ def concurrent(node: Node, bare: Receiver, tmp: Path, args: argparse.Namespace) 
     batches = [simulate(tmp / f"concurrent{i}", seed=2000 + i, instances=args.instances,
                         loops=args.loops, frames=args.frames) for i in range(args.concurrent)]
     total_mb = sum(f.stat().st_size for files in batches for f in files) / 1e6
-    listener = listener_pid(node)
+    listener = listener_pids(node, args.listener_processes)
     before = _peak_rss_mb(listener)
     peak = 0
     done = threading.Event()
@@ -245,13 +262,14 @@ def concurrent(node: Node, bare: Receiver, tmp: Path, args: argparse.Namespace) 
     done.set()
     sampler.join()
     after = _peak_rss_mb(listener)
-    bare_rate, _, bare_failed = measure(bare, batches)
+    bare_rate, bare_cpu, bare_failed = measure(bare, batches)
     count = sum(len(files) for files in batches)
     print(f"{args.concurrent} concurrent associations, {count} instances ({total_mb:.0f} MB):")
     print(f"  sononode   {node_rate:7.1f} instances/s aggregate, {failed} sender(s) failed, "
           f"CPU per instance {node_cpu * 1000:.1f} ms; at most {peak} associations open at "
           f"once; listener peak RSS {before:.0f} MB before, {after:.0f} MB after")
-    print(f"  pynetdicom {bare_rate:7.1f} instances/s aggregate, {bare_failed} sender(s) failed")
+    print(f"  pynetdicom {bare_rate:7.1f} instances/s aggregate, {bare_failed} sender(s) failed, "
+          f"CPU per instance {bare_cpu * 1000:.1f} ms")
     print(f"  sononode / pynetdicom: {node_rate / bare_rate:.2f}")
 
 

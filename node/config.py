@@ -8,6 +8,7 @@ with :func:`get_settings`; nothing else in the node reads the environment. (The 
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -125,10 +126,19 @@ class Settings(BaseSettings):
         description="If set, only these addresses or networks (CIDR, comma-separated) may "
         "connect to the DICOM listener.",
     )
-    max_associations: int = Field(default=32, ge=1, description="Concurrent associations.")
+    max_associations: int = Field(default=32, ge=1, description="Concurrent associations "
+                                  "(per listener process).")
     max_associations_per_peer: int = Field(
-        default=8, ge=1, description="Concurrent connections from one address (a NAT shared "
-        "by several modalities counts once: size it for them).",
+        default=8, ge=1, description="Concurrent connections from one address, per listener "
+        "process (a NAT shared by several modalities counts once: size it for them).",
+    )
+    listener_processes: int = Field(
+        default=0, ge=0, le=64,
+        description="Listener processes that `sononode up` runs on the one DICOM port (Linux "
+        "SO_REUSEPORT: the kernel spreads associations over them); 0: one per CPU core, at "
+        "most 4. One process serves one association at the library's rate; concurrent "
+        "associations need more (pynetdicom's per-association threads share one interpreter "
+        "lock: bench/receive.py --concurrent).",
     )
     max_inflated_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1024 * 1024,
@@ -342,6 +352,14 @@ class Settings(BaseSettings):
         return value.strip()
 
     # Derived locations -----------------------------------------------------------------
+    @property
+    def listener_process_count(self) -> int:
+        """``listener_processes``, with 0 resolved to the CPU cores this process may use
+        (at most 4)."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        return self.listener_processes or max(1, min(4, cores))
+
     @property
     def spool_dir(self) -> Path:
         """Where accepted instances are stored: ``<data_dir>/spool``."""

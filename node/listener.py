@@ -221,13 +221,24 @@ class GuardedServer(ThreadedAssociationServer):
     request_queue_size = 64
 
     def __init__(self, *args: Any, per_peer_limit: int,
-                 allowed: tuple[IPv4Network | IPv6Network, ...] = (), **kwargs: Any) -> None:
+                 allowed: tuple[IPv4Network | IPv6Network, ...] = (), reuse_port: bool = False,
+                 **kwargs: Any) -> None:
         self.per_peer_limit = per_peer_limit
         self.allowed = allowed
+        self.reuse_port = reuse_port
         self._peers: Counter[str] = Counter()
         self._peers_lock = threading.Lock()
         kwargs.setdefault("request_handler", GuardedRequestHandler)
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            # Several listener processes on one port (SONONODE_LISTENER_PROCESSES): Linux
+            # hands each new connection to one of the sockets bound with SO_REUSEPORT. A
+            # process that did not set it (another program) still finds the port taken.
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
@@ -312,6 +323,7 @@ def start_listener(
         server_class=GuardedServer,
         per_peer_limit=settings.max_associations_per_peer,
         allowed=tuple(settings.allowed_peers),
+        reuse_port=settings.listener_process_count > 1,
     ))
     ae._servers.append(server)  # so that ae.shutdown() stops it; shutdown() removes it
     logger.info(

@@ -1,7 +1,8 @@
 """``sononode up``: the whole node on one machine, as supervised child processes.
 
-Starts the embedded broker when no broker URL is configured, then the listener, the
-API, the scheduler and one Celery worker consuming both queues, each as its own
+Starts the embedded broker when no broker URL is configured, then the listener
+(``SONONODE_LISTENER_PROCESSES`` of them on the one port), the API, the scheduler and one
+Celery worker consuming both queues, each as its own
 ``sononode <role>`` process (the same commands the compose deployment runs), and
 restarts a child that dies, with a backoff that doubles (up to :data:`MAX_BACKOFF`) while
 it keeps dying and resets once it has run for :data:`STABLE_AFTER` seconds. One failing
@@ -15,10 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.exc import OperationalError
 
@@ -46,6 +48,10 @@ DATABASE_WAIT = 120.0
 @dataclass
 class Child:
     args: tuple[str, ...]
+    label: str = ""
+    """Its name in the logs (the role, numbered where it runs several times)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Settings of this child only, over the node's."""
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     backoff: float = FIRST_BACKOFF
@@ -55,7 +61,7 @@ class Child:
 
     @property
     def name(self) -> str:
-        return self.args[0]
+        return self.label or self.args[0]
 
     def died(self, now: float) -> float:
         """Schedule the restart of a child that exited; the delay chosen."""
@@ -68,9 +74,24 @@ class Child:
         return delay
 
 
+def make_children(settings: Settings) -> list[Child]:
+    """One child per role; ``SONONODE_LISTENER_PROCESSES`` listeners, each receiving into
+    its own folder (``SONONODE_LISTENER_NAME`` numbered)."""
+    children = []
+    for args in ROLES:
+        if args[0] == "listener" and settings.listener_process_count > 1:
+            base = settings.listener_name or socket.gethostname()
+            children += [Child(args, label=f"listener-{i}",
+                               env={"SONONODE_LISTENER_NAME": f"{base}-{i}"})
+                         for i in range(1, settings.listener_process_count + 1)]
+        else:
+            children.append(Child(args))
+    return children
+
+
 def _spawn(child: Child, env: dict[str, str]) -> None:
     child.process = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", *child.args], env=env,
+        [sys.executable, "-m", "node.cli", *child.args], env={**env, **child.env},
         preexec_fn=die_with_parent,
     )
     child.started = time.monotonic()
@@ -113,7 +134,7 @@ def run_up(settings: Settings) -> int:
         broker = start_embedded_redis(socket_path, data_dir)
         env["SONONODE_BROKER_URL"] = f"redis+socket://{socket_path}"
 
-    children = [Child(args) for args in ROLES]
+    children = make_children(settings)
     for child in children:
         _spawn(child, env)
     logger.info(

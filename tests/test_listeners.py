@@ -96,3 +96,49 @@ def test_roles_starting_at_once_on_a_new_database_all_find_their_schema() -> Non
             db.dispose()
     finally:
         drop_postgres(database)
+
+
+def test_sononode_up_runs_several_listener_processes_on_one_port(tmp_path: Path) -> None:
+    """``SONONODE_LISTENER_PROCESSES=2``: two listener processes bound to the one DICOM port
+    (SO_REUSEPORT); the kernel spreads associations over both, each receives into its own
+    incoming folder, and every instance is stored and indexed once."""
+    require_tools("dcmsend")
+    from harness.peers import start_node
+
+    # Analysis held back: only reception is under test.
+    node = start_node(tmp_path / "data", extra_env={"SONONODE_LISTENER_PROCESSES": "2",
+                                                    "SONONODE_STUDY_STABLE_SECONDS": "3600"})
+    try:
+        listeners = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(node.process.pid)],
+                                   capture_output=True, text=True, check=True).stdout
+        pids = {line.split()[0] for line in listeners.splitlines()
+                if "node.cli listener" in line}
+        assert len(pids) == 2, listeners
+        simulate_study(tmp_path / "study", seed=72, vendor="Kestrel Sonics", n_images=16,
+                       n_loops=0)
+        files = sorted((tmp_path / "study").glob("*.dcm"))
+        uids = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+        # One association per instance, four at a time: with 16 connections, the chance
+        # that the kernel gives every one to the same process is 2 ** -15.
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(lambda f: dcmsend(node.dicom_port, [f], check=False),
+                                    files))
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+
+        def closed_by() -> set[str] | None:
+            # "date time role pid LEVEL logger: association from ... closed: 1 stored in 1 study"
+            lines = [line for line in node.log().splitlines()
+                     if " listener " in line and "closed: 1 stored" in line]
+            return {line.split()[3] for line in lines} if len(lines) == len(files) else None
+
+        served = wait_for(closed_by, timeout=60, what="every association's tally")
+        assert served == pids  # both processes took associations
+        db = open_database(f"sqlite:///{tmp_path / 'data' / 'sononode.db'}")
+        with db.session() as session:
+            stored = session.scalars(select(Instance.sop_instance_uid)).all()
+        db.dispose()
+        assert sorted(stored) == sorted(uids)
+        folders = {p.name for p in (tmp_path / "data" / "incoming").iterdir()}
+        assert {name[-2:] for name in folders if name[-2:] in ("-1", "-2")} == {"-1", "-2"}
+    finally:
+        node.stop()
