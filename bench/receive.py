@@ -15,7 +15,7 @@ For each it prints instances/s (median of ``--repeat`` runs) and the receiving p
 CPU seconds per instance (user + system, from ``/proc``), then the ratios of the same run.
 
     python bench/receive.py [--instances 200] [--repeat 3] [--loops 0] [--frames 120]
-                            [--concurrent 20]
+                            [--concurrent 20] [--listener-processes 1]
 
 ``--loops N`` sends studies of N cine loops of ``--frames`` frames instead of stills
 (``--loops 1 --frames 1100``: one loop of about 1 GB); the node listener's peak resident
@@ -23,6 +23,8 @@ memory (``VmHWM``) before and after is printed with the rates.
 ``--concurrent N`` also sends N studies at once (one association each) to the node and to
 bare pynetdicom and prints the aggregate rates, the most associations seen open at once
 and the node listener's peak resident memory (``VmHWM``).
+``--listener-processes N`` runs the node with ``SONONODE_LISTENER_PROCESSES=N`` (CPU is
+summed over its listener processes; the bare receiver stays one process).
 """
 
 from __future__ import annotations

@@ -281,8 +281,9 @@ def test_the_listener_killed_mid_association_and_the_scheduler_killed_lose_nothi
             wait_for(lambda: any(p.is_file() and p.stat().st_size > 0
                                  for p in incoming.glob("**/*")),
                      timeout=60, interval=0.01, what="a partial file in incoming/")
-            (listener,) = _children(node.process.pid, "listener")
-            os.kill(listener, signal.SIGKILL)
+            # Every listener process (one per core by default): whichever has the loop.
+            for listener in _children(node.process.pid, "listener"):
+                os.kill(listener, signal.SIGKILL)
         finally:
             sender.wait(timeout=120)
         for _ in range(3):
