@@ -111,14 +111,8 @@ def start_bare(folder: Path) -> Receiver:
 
 def listener_pids(node: Node, count: int) -> list[int]:
     """The node's ``count`` listener processes (once all have started)."""
-    def find() -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(node.process.pid)],
-                             capture_output=True, text=True, check=True).stdout
-        return [int(line.split()[0]) for line in out.splitlines()
-                if "node.cli listener" in line]
-
-    wait_for(lambda: len(find()) == count, timeout=60, what=f"{count} listener processes")
-    return find()
+    return wait_for(lambda: pids if len(pids := node.role_pids("listener")) == count
+                    else None, timeout=60, what=f"{count} listener processes")
 
 
 def send(receiver: Receiver, files: list[Path], *,

@@ -206,6 +206,14 @@ class Node:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def role_pids(self, role: str) -> list[int]:
+        """The process ids of the node's children running ``role`` (``listener``: one per
+        listener process)."""
+        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
+                             capture_output=True, text=True, check=False).stdout
+        return [int(line.split()[0]) for line in out.splitlines()
+                if f"node.cli {role}" in line]
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

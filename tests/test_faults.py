@@ -48,12 +48,6 @@ def _index(node: Node) -> Database:
     return open_database(url)
 
 
-def _children(parent: int, role: str) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(parent)],
-                         capture_output=True, text=True, check=False).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if f"node.cli {role}" in line]
-
-
 def _echo(port: int) -> bool:
     done = subprocess.run([dcmtk("echoscu"), "-to", "5", "-aec", "SONONODE", "127.0.0.1",
                            str(port)], capture_output=True, timeout=30, check=False)
@@ -123,7 +117,7 @@ def test_the_worker_main_process_killed_mid_stage_is_recovered(
         dcmsend(node.dicom_port, files)
         db = _index(node)
         _a_running_stage(db)
-        (worker,) = _children(node.process.pid, "worker")
+        (worker,) = node.role_pids("worker")
         orphans = _descendants(worker)
         os.kill(worker, signal.SIGKILL)
         for pid in orphans:  # a pool process outliving its parent is killed with it
@@ -132,7 +126,7 @@ def test_the_worker_main_process_killed_mid_stage_is_recovered(
             except ProcessLookupError:
                 pass
         wait_for(lambda: _srs(orthanc, study_uid), timeout=240, what="the SR in Orthanc")
-        wait_for(lambda: (c := _children(node.process.pid, "worker")) and c != [worker],
+        wait_for(lambda: (c := node.role_pids("worker")) and c != [worker],
                  timeout=120, what="a new worker")
         assert len(_srs(orthanc, study_uid)) == 1
         assert _all_indexed(db, files)
@@ -149,7 +143,7 @@ def test_the_listener_serves_while_another_role_keeps_crashing(
     node = start_node(tmp_path / "data", destinations=orthanc.destination)
     try:
         for _ in range(5):
-            pids = wait_for(lambda: _children(node.process.pid, "api"), timeout=120,
+            pids = wait_for(lambda: node.role_pids("api"), timeout=120,
                             what="the API restarted")
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
@@ -234,7 +228,7 @@ def test_a_broker_flush_with_messages_queued_loses_no_study(
         "SONONODE_STALE_JOB_SECONDS": "10"})
     frozen: list[int] = []
     try:
-        workers = wait_for(lambda: _children(node.process.pid, "worker"), timeout=60,
+        workers = wait_for(lambda: node.role_pids("worker"), timeout=60,
                            what="the worker")
         frozen = [*workers, *(d for w in workers for d in _descendants(w))]
         for pid in frozen:
@@ -282,21 +276,21 @@ def test_the_listener_killed_mid_association_and_the_scheduler_killed_lose_nothi
                                  for p in incoming.glob("**/*")),
                      timeout=60, interval=0.01, what="a partial file in incoming/")
             # Every listener process (one per core by default): whichever has the loop.
-            for listener in _children(node.process.pid, "listener"):
+            for listener in node.role_pids("listener"):
                 os.kill(listener, signal.SIGKILL)
         finally:
             sender.wait(timeout=120)
         for _ in range(3):
-            (scheduler,) = wait_for(lambda: _children(node.process.pid, "scheduler"),
+            (scheduler,) = wait_for(lambda: node.role_pids("scheduler"),
                                     timeout=120, what="the scheduler (re)started")
             os.kill(scheduler, signal.SIGKILL)
 
             def restarted(old: int = scheduler) -> list[int] | None:
-                now = _children(node.process.pid, "scheduler")
+                now = node.role_pids("scheduler")
                 return now if now and now != [old] else None
 
             wait_for(restarted, timeout=120, what="the scheduler restarted")
-        wait_for(lambda: _children(node.process.pid, "listener") and _echo(node.dicom_port),
+        wait_for(lambda: node.role_pids("listener") and _echo(node.dicom_port),
                  timeout=120, what="the listener restarted")
         assert not [p for p in incoming.glob("**/*") if p.is_file()], "a partial file was kept"
         dcmsend(node.dicom_port, files)  # the modality re-sends
