@@ -162,6 +162,70 @@ def running_orthanc(workdir: Path) -> Iterator[Orthanc]:
         orthanc.stop()
 
 
+class Prometheus:
+    """A Prometheus server started for a test; its HTTP API."""
+
+    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = process
+        self.log = log
+
+    def api(self, path: str, **params: str) -> Any:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"prometheus exited: {self.log.read_text()[-3000:]}")
+        response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
+        body = response.json()
+        if body["status"] != "success":
+            raise AssertionError(f"Prometheus {path} {params}: {body}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query's result vector."""
+        result: list[dict[str, Any]] = self.api("query", query=expr)["result"]
+        return result
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextmanager
+def running_prometheus(workdir: Path, config: dict[str, Any], *,
+                       timeout: float = 120) -> Iterator[Prometheus]:
+    """Debian's ``prometheus`` with ``config`` (a prometheus.yml as a mapping) on a free
+    port, its storage under ``workdir``; ready when yielded, stopped afterwards."""
+    import yaml
+
+    if shutil.which("prometheus") is None:
+        raise RuntimeError("Prometheus is not installed (apt-get install prometheus)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = get_port()
+    log = workdir / "prometheus.log"
+    with open(log, "ab") as sink:
+        process = subprocess.Popen(
+            ["prometheus", f"--config.file={workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=sink, stderr=subprocess.STDOUT)
+    server = Prometheus(port, process, log)
+    try:
+        def ready() -> bool:
+            if process.poll() is not None:  # the timeout's message shows the log
+                raise RuntimeError(f"prometheus exited: {log.read_text()[-3000:]}")
+            return httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200
+
+        wait_for(ready, timeout=timeout, what="Prometheus ready")
+        yield server
+    finally:
+        server.stop()
+
+
 @dataclass
 class Node:
     """``sononode up`` running as a subprocess for a test."""

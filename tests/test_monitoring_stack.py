@@ -46,7 +46,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 import node.metrics
-from harness.peers import Node, get_port, start_node, wait_for
+from harness.peers import Node, Prometheus, get_port, running_prometheus, start_node, wait_for
 from node.api.collectors import NodeCollector
 from node.db import Database
 from node.heartbeats import beat
@@ -274,37 +274,6 @@ def test_readiness_gauges_follow_the_heartbeats(db: Database, tmp_path: Path) ->
 # --- a real Prometheus scraping a running node -------------------------------------------
 
 
-class Prometheus:
-    """A Prometheus server started for a test; its HTTP API."""
-
-    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.process = process
-        self.log = log
-
-    def api(self, path: str, **params: str) -> Any:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"prometheus exited: {self.log.read_text()[-3000:]}")
-        response = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
-        body = response.json()
-        assert body["status"] == "success", (path, params, body)
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.api("query", query=expr)
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Prometheus]]:
     """``sononode up`` (metrics behind its generated token) and a Prometheus that scrapes
@@ -317,33 +286,14 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, 
     config["global"].update({"scrape_interval": "4s", "evaluation_interval": "1s"})
     config["rule_files"] = [str(PROMETHEUS_DIR / Path(f).name) for f in config["rule_files"]]
     running = start_node(workdir / "data", extra_env={"SONONODE_METRICS_OPEN": "false"})
-    server: Prometheus | None = None
     try:
         (job,) = config["scrape_configs"]
         job["static_configs"] = [{"targets": [f"127.0.0.1:{running.http_port}"]}]
         job["authorization"] = {"type": "Bearer",
                                 "credentials_file": str(running.data_dir / "api-token")}
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = get_port()
-        log = workdir / "prometheus.log"
-        with open(log, "ab") as sink:
-            process = subprocess.Popen(
-                ["prometheus", f"--config.file={workdir / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={workdir / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{port}"],
-                stdout=sink, stderr=subprocess.STDOUT)
-        server = Prometheus(port, process, log)
-
-        def ready() -> bool:
-            if process.poll() is not None:  # the timeout's message shows the log
-                raise RuntimeError(f"prometheus exited: {log.read_text()[-3000:]}")
-            return httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200
-
-        wait_for(ready, timeout=DEADLINE, what="Prometheus ready")
-        yield running, server
+        with running_prometheus(workdir / "prometheus", config, timeout=DEADLINE) as server:
+            yield running, server
     finally:
-        if server is not None:
-            server.stop()
         running.stop()
 
 
