@@ -18,7 +18,8 @@ the node's own test (:func:`node.drift.monitor.step`):
   the stream is in alert (median over replicates; "> N" when not within ``--max-delay``);
 - cost per study of :func:`node.drift.observe` on SQLite, with a short and a long history.
 
-Run: ``python bench/drift.py --cache /tmp/sononode-drift`` (the pools take a while on
+Run: ``python bench/drift.py --cache /tmp/sononode-drift`` (``docs/DRIFT.md``'s figures: add
+``--pool-studies 450 --shift-studies 400 --replicates 60``; the pools take a while on
 the first run; later runs reuse them).
 """
 

@@ -31,6 +31,7 @@ def sector(
     spread: float = 1.0,
     ui: bool = True,
     anechoic: bool = True,
+    blur: tuple[float, float] = (0.8, 1.4),
 ) -> tuple[np.ndarray, np.ndarray]:
     """A speckled sector (or rectangle) on black with vendor-like text, ruler and bar.
 
@@ -50,7 +51,7 @@ def sector(
         ang = np.degrees(np.arctan2(xx - cx, yy - apex_y))
         mask = (r >= r0) & (r <= r0 + depth) & (np.abs(ang) <= 35)
     speckle = rng.rayleigh(1.0, size).astype(np.float32)
-    speckle = ndimage.gaussian_filter(speckle, (0.8, 1.4))
+    speckle = ndimage.gaussian_filter(speckle, blur)  # the probe's point spread
     speckle /= speckle.mean()
     tissue = level * (1 + 0.6 * spread * (speckle - 1))
     blob = np.hypot(xx - cx, yy - (top + depth * 0.5)) < depth * 0.12
@@ -297,6 +298,20 @@ def _loop(rng: np.random.Generator, n: int) -> np.ndarray:
         f[mask] = np.clip(shifted[mask], 1, 255)[:, None].astype(np.uint8)
         frames.append(f)
     return np.stack(frames)
+
+
+def test_speckle_grain_follows_the_point_spread_not_the_gain() -> None:
+    """A 1.6 times wider point spread (a coarser probe) raises the speckle grain drift
+    monitors; brighter or darker images of the same probe leave it where it was."""
+    def grain(**kwargs: object) -> float:
+        frame, _ = sector(np.random.default_rng(4), **kwargs)  # type: ignore[arg-type]
+        return assess_instance(instance(frame[None])).stats["speckle_grain"]
+
+    usual = grain()
+    assert 0.2 < usual < 0.95
+    assert grain(blur=(0.8 * 1.6, 1.4 * 1.6)) > usual + 0.02
+    for level in (60.0, 120.0):
+        assert abs(grain(level=level) - usual) < 0.02
 
 
 def test_moving_loop_passes_with_motion_stats(rng: np.random.Generator) -> None:

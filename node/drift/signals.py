@@ -55,6 +55,9 @@ INPUT_SIGNALS: tuple[SignalSpec, ...] = (
     SignalSpec("intensity_mean", SignalKind.NUMERIC, "Mean grey level of the scan region"),
     SignalSpec("intensity_contrast", SignalKind.NUMERIC, "Grey-level spread of the scan region"),
     SignalSpec("region_fraction", SignalKind.NUMERIC, "Share of the frame the scan region covers"),
+    SignalSpec("speckle_grain", SignalKind.NUMERIC,
+               "Speckle grain of the scan region (neighbour-pixel correlation of its fine "
+               "texture: higher with a coarser probe or a blurring preset)"),
     SignalSpec("pixel_spacing", SignalKind.NUMERIC, "Pixel size (mm) from the header"),
     SignalSpec("frames", SignalKind.NUMERIC, "Frames per instance (stills and loops)"),
     SignalSpec("photometric", SignalKind.CATEGORY, "Photometric interpretation mix"),

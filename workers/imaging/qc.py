@@ -163,6 +163,35 @@ def _frame_stats(values: np.ndarray, peaks: np.ndarray, t: QCThresholds) -> _Fra
     )
 
 
+def speckle_grain(grey: np.ndarray, inner: np.ndarray, bbox: tuple[int, int, int, int]) -> float:
+    """Neighbour correlation of the scan region's fine texture: the mean of the axial and
+    lateral lag-1 autocorrelations of ``grey`` (one frame) minus its 9-pixel local mean,
+    over pixel pairs inside ``inner``.
+
+    Speckle is the image of the probe's point spread: a wider beam or sparser scan lines
+    (a coarser or failing probe, a blurring preset) make neighbouring pixels more alike,
+    while gain and grey maps, which only rescale the texture, leave the correlation as it
+    is. Written here because no imaging library measures it inside an arbitrary mask (the
+    grey-level co-occurrence correlation of scikit-image needs a rectangle and quantised
+    levels, and would count the black background).
+    """
+    c0, r0, c1, r1 = bbox
+    crop = grey[r0:r1, c0:c1].astype(np.float32, copy=False)
+    mask = inner[r0:r1, c0:c1]
+    if crop.shape[0] < 3 or crop.shape[1] < 3 or not mask.any():
+        return float("nan")
+    detail = crop - ndimage.uniform_filter(crop, 9)
+    correlations = []
+    for a, b, both in ((detail[:-1], detail[1:], mask[:-1] & mask[1:]),
+                       (detail[:, :-1], detail[:, 1:], mask[:, :-1] & mask[:, 1:])):
+        x, y = a[both], b[both]
+        denominator = float(np.sqrt(np.dot(x, x) * np.dot(y, y)))
+        if denominator <= 0.0:
+            return float("nan")
+        correlations.append(float(np.dot(x, y)) / denominator)
+    return float(np.mean(correlations))
+
+
 def _colour_fraction(pixels: np.ndarray, residual: float) -> float:
     """Fraction of ``(n, 3)`` pixels away from the image's own grey map.
 
@@ -429,6 +458,9 @@ def assess_instance(
         usable = []
     first = usable[0] if usable else 0
     annotation = _annotation_pixels(grey[first], region, inner, t.annotation_contrast)
+    grain = speckle_grain(grey[first], inner, region.bbox)
+    if np.isfinite(grain):
+        stats["speckle_grain"] = grain
     checks.append(
         QCCheck(
             QCCode.ANNOTATION_OVER_ANATOMY.value,
