@@ -111,13 +111,8 @@ class Orthanc:
         return httpx.get(self.url + "/system", timeout=2).status_code == 200
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate([self.process], timeout=20)
         self.process = None
 
 
@@ -185,13 +180,7 @@ class Prometheus:
         return result
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate([self.process])
 
 
 @contextmanager
