@@ -23,7 +23,12 @@ from node import audit, sop_classes
 from node.index import InstanceMeta, InvalidInstance, RegisterOutcome, is_indexed, register_instance
 from node.logs import describe_error
 from node.metrics import INSTANCES_RECEIVED, INSTANCES_REJECTED, RECEIVE_SECONDS
-from node.receive import InflationLimitExceeded, inflated_size, receive_failure
+from node.receive import (
+    DEFLATED_SYNTAXES,
+    InflationLimitExceeded,
+    inflated_size,
+    receive_failure,
+)
 from node.spool import fsync_file
 
 if TYPE_CHECKING:
@@ -178,8 +183,10 @@ def _store(
     request = cast("C_STORE", event.request)  # this handler is bound to EVT_C_STORE only
     transfer_syntax = str(event.context.transfer_syntax)
 
-    # 1. Bound what parsing may cost, then parse the header (never the pixel data).
-    if temp_path is not None:
+    # 1. Bound what parsing may cost, then parse the header (never the pixel data). The
+    # file's meta group names the context's syntax (pynetdicom writes it): only a deflated
+    # one can inflate.
+    if temp_path is not None and transfer_syntax in DEFLATED_SYNTAXES:
         try:
             inflated_size(temp_path, policy.max_inflated_bytes)
         except InflationLimitExceeded as exc:
@@ -297,7 +304,6 @@ def _store(
     return int(StoreStatus.SUCCESS)
 
 
-_DEFLATED = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"})
 #: Values longer than this are not read when a received dataset is parsed (pixel data).
 _DEFER_BYTES = 64 * 1024
 _ITEM = b"\xfe\xff\x00\xe0"
@@ -329,7 +335,7 @@ def check_complete(path: Path, ds: Dataset | None = None) -> None:
     size = path.stat().st_size
     if ds is None:
         ds = dcmread(path, defer_size=_DEFER_BYTES)
-    deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) in _DEFLATED
+    deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) in DEFLATED_SYNTAXES
     if "SOPInstanceUID" not in ds:
         # pydicom gives up on (and empties) a dataset whose last value ends prematurely.
         raise ValueError("dataset is incomplete (truncated)")

@@ -32,6 +32,8 @@ from typing import IO, Any
 
 import pynetdicom.dimse_messages as _dimse_messages
 
+from node.spool import start_writeback
+
 logger = logging.getLogger(__name__)
 
 #: Transfer syntaxes whose dataset is a raw deflate stream after the file meta group.
@@ -61,9 +63,14 @@ class GuardedTempFile:
     (``DIMSEMessage.decode_msg``). A failed write, or free space under ``min_free``
     (checked every ``check_every`` bytes), records the failure under the file's name,
     truncates the file to give the space back at once and discards what follows.
+
+    Every ``writeback_every`` bytes flushed, the kernel is asked to start writing them to
+    the disk (:func:`node.spool.start_writeback`), so that the fsync before Success finds
+    most of the file already written and waits only for its tail.
     """
 
     check_every = 8 * 1024 * 1024
+    writeback_every = 64 * 1024
 
     def __init__(self, handle: Any, *, min_free: int) -> None:
         self._handle = handle
@@ -71,6 +78,8 @@ class GuardedTempFile:
         self.min_free = min_free
         self._failed = False
         self._since_check = 0
+        self._written = 0
+        self._written_back = 0
 
     @property
     def file(self) -> GuardedTempFile:
@@ -99,6 +108,7 @@ class GuardedTempFile:
                     self._fail(f"{free} bytes free, under the floor of {self.min_free}")
                     return len(data)
             written: int = self._handle.write(data)
+            self._written += written
             return written
         except OSError as exc:
             self._fail(errno.errorcode.get(exc.errno or 0, "EIO"))
@@ -111,6 +121,14 @@ class GuardedTempFile:
             self._handle.flush()
         except OSError as exc:
             self._fail(errno.errorcode.get(exc.errno or 0, "EIO"))
+            return
+        if self._written - self._written_back >= self.writeback_every:
+            try:
+                start_writeback(self._handle.fileno(), self._written_back,
+                                self._written - self._written_back)
+            except (OSError, AttributeError, ValueError):
+                pass  # only a hint
+            self._written_back = self._written
 
     def close(self) -> None:
         try:

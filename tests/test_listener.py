@@ -275,9 +275,10 @@ def test_listeners_sharing_a_data_folder_sweep_only_their_own_transfers(tmp_path
     assert [p.name for p in incoming.glob("*/*")] == ["tmp2"]
 
 
-def test_the_spool_renames_only_after_the_fsync_it_was_handed(tmp_path: Path) -> None:
-    """The listener starts each file's fsync early (node.handlers); the rename waits for it,
-    and a failed fsync leaves nothing in the spool."""
+def test_the_spool_commits_only_after_the_fsync_it_was_handed(tmp_path: Path) -> None:
+    """The listener starts each file's fsync early (node.handlers); the commit waits for it,
+    and a failed fsync leaves nothing in the spool. A copy already under the spool name
+    (an attempt never indexed) is replaced only after the new file's fsync."""
     from concurrent.futures import Future
 
     from node.spool import Spool
@@ -297,3 +298,35 @@ def test_the_spool_renames_only_after_the_fsync_it_was_handed(tmp_path: Path) ->
     done.set_result(None)
     final = spool.commit(temp, relative, data_synced=done)
     assert final.read_bytes() == b"dataset" and not temp.exists()
+
+    temp.write_bytes(b"resent")
+    with pytest.raises(OSError, match="fsync"):
+        spool.commit(temp, relative, data_synced=failed)
+    assert final.read_bytes() == b"dataset" and temp.exists()
+    spool.commit(temp, relative, data_synced=done)
+    assert final.read_bytes() == b"resent" and not temp.exists()
+
+
+def test_a_received_file_is_handed_to_the_disk_as_it_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 64 kB flushed, the kernel is asked to start writing the range (so the fsync
+    before Success waits only for the tail); the ranges cover the file without overlap."""
+    import node.receive as receive
+    from node.spool import start_writeback
+
+    calls: list[tuple[int, int]] = []
+
+    def record(fd: int, offset: int, length: int) -> None:
+        calls.append((offset, length))
+        start_writeback(fd, offset, length)  # the real call too: it must not fail
+
+    monkeypatch.setattr(receive, "start_writeback", record)
+    with open(tmp_path / "received.dcm", "wb") as handle:
+        guarded = receive.GuardedTempFile(handle, min_free=0)
+        for _ in range(10):  # 10 fragments of 16 kB, flushed each (as pynetdicom does)
+            guarded.write(b"\0" * 16384)
+            guarded.file.flush()
+        guarded.close()
+    assert calls == [(0, 65536), (65536, 65536)]
+    assert (tmp_path / "received.dcm").stat().st_size == 10 * 16384
