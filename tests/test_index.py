@@ -40,6 +40,92 @@ def test_concurrent_instances_of_a_new_study_are_all_indexed(db: Database) -> No
         assert row is not None and row.revision == len(metas)
 
 
+def _metas(count: int, study: str | None = None) -> list[InstanceMeta]:
+    study = study or generate_uid()
+    return [InstanceMeta.from_dataset(make_us_dataset(study_uid=study, seed=i),
+                                      "1.2.840.10008.1.2.1") for i in range(count)]
+
+
+def test_registrations_arriving_during_a_commit_share_the_next_one(db: Database) -> None:
+    """Group commit: while one association's registration commits, the others queue and
+    are then written in one transaction, with one commit, and each learns its outcome."""
+    from sqlalchemy import event
+
+    import node.index as index
+
+    metas = _metas(12)
+    group = index._group_of(db)
+    commits: list[int] = []
+
+    def on_commit(_conn: object) -> None:
+        if not commits:  # hold the first commit until the other 11 are queued
+            wait_until = threading.Event()
+            for _ in range(500):
+                if len(group._queue) == len(metas) - 1:
+                    break
+                wait_until.wait(0.01)
+        commits.append(1)
+
+    event.listen(db.engine, "commit", on_commit)
+    outcomes: dict[str, RegisterOutcome] = {}
+
+    def register(meta: InstanceMeta) -> None:
+        outcomes[meta.sop_instance_uid] = register_instance(
+            db, meta, path=meta.sop_instance_uid, size_bytes=1, calling_ae_title="T")
+
+    first = threading.Thread(target=register, args=(metas[0],))
+    first.start()
+    while not commits and not group._leading:
+        threading.Event().wait(0.001)
+    threads = [threading.Thread(target=register, args=(m,)) for m in metas[1:]]
+    for t in threads:
+        t.start()
+    for t in [first, *threads]:
+        t.join(timeout=60)
+    event.remove(db.engine, "commit", on_commit)
+    assert set(outcomes.values()) == {RegisterOutcome.NEW} and len(outcomes) == 12
+    assert len(commits) == 2
+    with db.session() as session:
+        row = session.get(Study, metas[0].study_instance_uid)
+        assert row is not None and row.revision == 12
+
+
+def test_one_instance_twice_in_a_group_is_stored_once(db: Database) -> None:
+    from node.index import _register_group, _Registration
+
+    meta = _metas(1)[0]
+    twice = [_Registration(meta, "a", 1, "T"), _Registration(meta, "b", 1, "T")]
+    assert _register_group(db, twice) == [RegisterOutcome.NEW, RegisterOutcome.DUPLICATE]
+
+
+def test_a_group_that_collides_with_another_writer_is_written_one_by_one(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process indexed one of the group's instances between the check and the
+    insert: the group's transaction fails on it, and each is then registered alone."""
+    import node.index as index
+
+    metas = _metas(3)
+    register_instance(db, metas[1], path="x", size_bytes=1, calling_ae_title="OTHER")
+    real = index._indexed
+    missed: list[str] = []
+
+    def check_missing_the_other_writer(conn: object, sop: str) -> bool:
+        if sop == metas[1].sop_instance_uid and not missed:
+            missed.append(sop)
+            return False
+        return real(conn, sop)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(index, "_indexed", check_missing_the_other_writer)
+    group = index.GroupCommit(db)
+    entries = [index._Entry(index._Registration(m, m.sop_instance_uid, 1, "T")) for m in metas]
+    group._commit(entries)
+    assert missed and [e.outcome for e in entries] == [
+        RegisterOutcome.NEW, RegisterOutcome.DUPLICATE, RegisterOutcome.NEW]
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 3
+
+
 @pytest.mark.parametrize(
     ("keyword", "value"),
     [("SOPInstanceUID", "1." * 40), ("SeriesInstanceUID", ["1.2.3", "1.2.4"]),
