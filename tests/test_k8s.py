@@ -5,7 +5,9 @@ them; the checks then hold the rendered objects to what the node needs: every co
 parses with the real CLI, every ``SONONODE_*`` variable is a setting, selectors and
 ports meet, one scheduler, the shared volume is ReadWriteMany, the GPU worker asks for a
 GPU and CUDA, secrets only by reference, and the autoscalers watch the Celery queues the
-node uses. (kubeconform, for schema validation, does not install on these machines.)
+node uses. Every object of a Kubernetes kind is validated against the API's published
+schemas, strictly (an unknown field fails), with ``kubernetes-validate`` (its schemas are
+bundled: no network); kubeconform, which does the same, does not install on these machines.
 """
 
 from __future__ import annotations
@@ -50,6 +52,24 @@ def _containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
 def _node_containers(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: c for name, d in _of(objects, "Deployment").items()
             for c in _containers(d) if c["image"].startswith("sononode")}
+
+
+def test_every_object_matches_the_kubernetes_api_schema(objects: list[dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    unchecked = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            unchecked.append(obj["apiVersion"])
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} "
+                        f"at {'/'.join(map(str, exc.path))}")
+    # Only KEDA's custom resources have no schema here (their own checks are below).
+    assert set(unchecked) <= {"keda.sh/v1alpha1"}
+    assert len(unchecked) < len(objects)
 
 
 def test_every_role_runs_a_real_command(objects: list[dict[str, Any]]) -> None:
