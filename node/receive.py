@@ -66,11 +66,12 @@ class GuardedTempFile:
 
     Every ``writeback_every`` bytes flushed, the kernel is asked to start writing them to
     the disk (:func:`node.spool.start_writeback`), so that the fsync before Success finds
-    most of the file already written and waits only for its tail.
+    most of the file already written and waits only for its tail. (Every 64 kB cost a
+    cine loop of 37 MB 87 ms of CPU against 70 without: ``bench/receive.py --loops 3``.)
     """
 
     check_every = 8 * 1024 * 1024
-    writeback_every = 64 * 1024
+    writeback_every = 256 * 1024
 
     def __init__(self, handle: Any, *, min_free: int) -> None:
         self._handle = handle

@@ -310,7 +310,7 @@ def test_the_spool_commits_only_after_the_fsync_it_was_handed(tmp_path: Path) ->
 def test_a_received_file_is_handed_to_the_disk_as_it_grows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every 64 kB flushed, the kernel is asked to start writing the range (so the fsync
+    """Every 256 kB flushed, the kernel is asked to start writing the range (so the fsync
     before Success waits only for the tail); the ranges cover the file without overlap."""
     import node.receive as receive
     from node.spool import start_writeback
@@ -324,9 +324,9 @@ def test_a_received_file_is_handed_to_the_disk_as_it_grows(
     monkeypatch.setattr(receive, "start_writeback", record)
     with open(tmp_path / "received.dcm", "wb") as handle:
         guarded = receive.GuardedTempFile(handle, min_free=0)
-        for _ in range(10):  # 10 fragments of 16 kB, flushed each (as pynetdicom does)
+        for _ in range(40):  # 40 fragments of 16 kB, flushed each (as pynetdicom does)
             guarded.write(b"\0" * 16384)
             guarded.file.flush()
         guarded.close()
-    assert calls == [(0, 65536), (65536, 65536)]
-    assert (tmp_path / "received.dcm").stat().st_size == 10 * 16384
+    assert calls == [(0, 262144), (262144, 262144)]
+    assert (tmp_path / "received.dcm").stat().st_size == 40 * 16384
