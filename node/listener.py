@@ -129,6 +129,11 @@ def build_ae(settings: Settings) -> AE:
     """An AE that answers C-ECHO and C-STORE for the classes an ultrasound department sends."""
     # Stream each received dataset to a file instead of memory (cine loops are large).
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom's own handlers of every PDU and DIMSE message (bound to each association)
+    # log each C-STORE at INFO; the listener logs one line per association instead
+    # (node.handlers.Reception). They come back with SONONODE_LOG_LEVEL=DEBUG. pynetdicom's
+    # association events (accepted, released, aborted) are logged either way.
+    _config.LOG_HANDLER_LEVEL = "standard" if settings.log_level.upper() == "DEBUG" else "none"
     set_incoming_dir(settings.incoming_dir)
     install_guarded_receive(min_free=settings.min_free_bytes)
     register_storage_classes()

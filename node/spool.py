@@ -1,8 +1,11 @@
-"""Durable files: temp file, fsync, atomic rename, fsync directory.
+"""Durable files: temp file, fsync, atomic rename or link, fsync directory.
 
-The spool of received instances (:class:`Spool`, written by the listener) and the node's
-reports (:func:`write_durably`, written by the report stage) go through the same writer, so
-a crash at any point leaves either no file or the complete file.
+The node's reports (:func:`write_durably`, written by the report stage) are fsynced and
+renamed into place: a crash at any point leaves either no file or the complete file. The
+spool of received instances (:class:`Spool`, written by the listener) links a received file
+under its name and fsyncs data and folder at once: a crash leaves no file, or an unindexed
+one the sender's retry replaces, or the complete file; the file an index row names (the
+row is committed after the fsyncs) is complete at every moment.
 """
 
 from __future__ import annotations

@@ -330,3 +330,19 @@ def test_a_received_file_is_handed_to_the_disk_as_it_grows(
         guarded.close()
     assert calls == [(0, 262144), (262144, 262144)]
     assert (tmp_path / "received.dcm").stat().st_size == 40 * 16384
+
+
+def test_a_c_store_is_not_logged_line_by_line_at_info(
+    listener: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom's per-message log handlers are off unless SONONODE_LOG_LEVEL=DEBUG: the
+    listener's own line per association is what INFO shows."""
+    import logging
+
+    path = write(make_us_dataset(), tmp_path / "a.dcm")
+    with caplog.at_level(logging.INFO):
+        assert _send(listener, path) == 0x0000
+    pynetdicom_lines = [r.getMessage() for r in caplog.records
+                        if r.name.startswith("pynetdicom")]
+    assert not [m for m in pynetdicom_lines if "Store Request" in m]
+    assert any(m == "Association Accepted" for m in pynetdicom_lines)
