@@ -202,12 +202,16 @@ class GroupCommit:
         entry = _Entry(registration)
         with self._changed:
             self._queue.append(entry)
-            while not entry.done and self._leading:
-                self._changed.wait()
-            if not entry.done:
+        while True:
+            with self._changed:
+                while not entry.done and self._leading:
+                    self._changed.wait()
+                if entry.done:
+                    break
+                # Lead the next group (which may not reach this entry when more than
+                # max_group are queued ahead of it: then lead again).
                 self._leading = True
                 group, self._queue = self._queue[:self.max_group], self._queue[self.max_group:]
-        if not entry.done:
             try:
                 self._commit(group)
             finally:

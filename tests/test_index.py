@@ -46,15 +46,20 @@ def _metas(count: int, study: str | None = None) -> list[InstanceMeta]:
                                       "1.2.840.10008.1.2.1") for i in range(count)]
 
 
-def test_registrations_arriving_during_a_commit_share_the_next_one(db: Database) -> None:
+@pytest.mark.parametrize("max_group", [64, 4])
+def test_registrations_arriving_during_a_commit_share_the_next_one(
+    db: Database, max_group: int
+) -> None:
     """Group commit: while one association's registration commits, the others queue and
-    are then written in one transaction, with one commit, and each learns its outcome."""
+    are then written in groups of at most ``max_group``, one commit each, and each learns
+    its outcome (also one queued behind more than a group)."""
     from sqlalchemy import event
 
     import node.index as index
 
     metas = _metas(12)
     group = index._group_of(db)
+    group.max_group = max_group
     commits: list[int] = []
 
     def on_commit(_conn: object) -> None:
@@ -84,7 +89,7 @@ def test_registrations_arriving_during_a_commit_share_the_next_one(db: Database)
         t.join(timeout=60)
     event.remove(db.engine, "commit", on_commit)
     assert set(outcomes.values()) == {RegisterOutcome.NEW} and len(outcomes) == 12
-    assert len(commits) == 2
+    assert len(commits) == 1 + -(-11 // max_group)
     with db.session() as session:
         row = session.get(Study, metas[0].study_instance_uid)
         assert row is not None and row.revision == 12
