@@ -192,13 +192,14 @@ class GroupCommit:
     #: The most registrations one transaction writes.
     max_group = 64
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self) -> None:
+        # No reference to the database: one GroupCommit per Database, looked up by it
+        # in a weak mapping (a reference here would keep every Database alive).
         self._queue: list[_Entry] = []
         self._leading = False
         self._changed = threading.Condition()
 
-    def register(self, registration: _Registration) -> RegisterOutcome:
+    def register(self, db: Database, registration: _Registration) -> RegisterOutcome:
         entry = _Entry(registration)
         with self._changed:
             self._queue.append(entry)
@@ -213,7 +214,7 @@ class GroupCommit:
                 self._leading = True
                 group, self._queue = self._queue[:self.max_group], self._queue[self.max_group:]
             try:
-                self._commit(group)
+                self._commit(db, group)
             finally:
                 with self._changed:
                     self._leading = False
@@ -223,15 +224,16 @@ class GroupCommit:
         assert entry.outcome is not None
         return entry.outcome
 
-    def _commit(self, group: list[_Entry]) -> None:
+    @staticmethod
+    def _commit(db: Database, group: list[_Entry]) -> None:
         try:
-            outcomes = _register_group(self.db, [e.registration for e in group])
+            outcomes = _register_group(db, [e.registration for e in group])
         except IntegrityError:
             # Another process indexed one of them meanwhile: each on its own, which sorts
             # out which are duplicates.
             for entry in group:
                 try:
-                    entry.outcome = _register_alone(self.db, entry.registration)
+                    entry.outcome = _register_alone(db, entry.registration)
                 except Exception as exc:
                     entry.error = exc
                 entry.done = True
@@ -254,7 +256,7 @@ def _group_of(db: Database) -> GroupCommit:
     with _GROUPS_LOCK:
         group = _GROUPS.get(db)
         if group is None:
-            group = _GROUPS[db] = GroupCommit(db)
+            group = _GROUPS[db] = GroupCommit()
         return group
 
 
@@ -270,7 +272,7 @@ def register_instance(
     the loser finds it indexed (stored once). Registrations arriving at once from this
     process's associations share one commit (:class:`GroupCommit`).
     """
-    return _group_of(db).register(_Registration(meta, path, size_bytes, calling_ae_title))
+    return _group_of(db).register(db, _Registration(meta, path, size_bytes, calling_ae_title))
 
 
 def _register_alone(db: Database, registration: _Registration) -> RegisterOutcome:

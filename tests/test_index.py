@@ -122,9 +122,8 @@ def test_a_group_that_collides_with_another_writer_is_written_one_by_one(
         return real(conn, sop)  # type: ignore[arg-type]
 
     monkeypatch.setattr(index, "_indexed", check_missing_the_other_writer)
-    group = index.GroupCommit(db)
     entries = [index._Entry(index._Registration(m, m.sop_instance_uid, 1, "T")) for m in metas]
-    group._commit(entries)
+    index.GroupCommit._commit(db, entries)
     assert missed and [e.outcome for e in entries] == [
         RegisterOutcome.NEW, RegisterOutcome.DUPLICATE, RegisterOutcome.NEW]
     with db.session() as session:
