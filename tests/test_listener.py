@@ -346,3 +346,27 @@ def test_a_c_store_is_not_logged_line_by_line_at_info(
                         if r.name.startswith("pynetdicom")]
     assert not [m for m in pynetdicom_lines if "Store Request" in m]
     assert any(m == "Association Accepted" for m in pynetdicom_lines)
+
+
+@pytest.mark.parametrize("error", ["EXDEV", "EPERM"])
+def test_the_spool_commits_where_a_hard_link_is_impossible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    """Incoming folder on another file system (EXDEV: copied, then replaced) or a file
+    system without hard links (EPERM: renamed after the fsync): the file arrives whole and
+    the temporary name is gone."""
+    import errno
+    import os
+
+    from node.spool import Spool
+
+    def no_link(*_args: object) -> None:
+        raise OSError(getattr(errno, error), os.strerror(getattr(errno, error)))
+
+    monkeypatch.setattr(os, "link", no_link)
+    spool = Spool(tmp_path / "spool", tmp_path / "incoming")
+    temp = spool.incoming / "received.tmp"
+    temp.write_bytes(b"dataset")
+    final = spool.commit(temp, spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5"))
+    assert final.read_bytes() == b"dataset" and not temp.exists()
+    assert not list(final.parent.glob(".*.tmp"))
