@@ -72,7 +72,7 @@ from pydicom import config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
-from pydicom.uid import generate_uid
+from pydicom.uid import UltrasoundImageStorage, generate_uid
 from pydicom.valuerep import validate_value
 
 from dicom_sr import codes
@@ -878,10 +878,8 @@ def warm_up() -> None:
     process calls this once at start, as it loads its models, so that the first study it
     reports is not the slow one.
     """
-    from pydicom.uid import UID
-
     source = Dataset()
-    source.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.6.1")  # Ultrasound Image Storage
+    source.SOPClassUID = UltrasoundImageStorage
     source.SOPInstanceUID = generate_uid()
     source.StudyInstanceUID = generate_uid()
     source.SeriesInstanceUID = generate_uid()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydicom.uid import UltrasoundImageStorage, UltrasoundMultiFrameImageStorage
 
 from dicom_sr.model import QCCheck, QCOutcome
 
@@ -90,8 +91,8 @@ class DecodedInstance:
         n = frames.shape[0]
         return cls(
             sop_instance_uid=sop_instance_uid,
-            # Ultrasound Multi-frame Image Storage for a loop, Ultrasound Image Storage else.
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.3.1" if n > 1 else "1.2.840.10008.5.1.4.1.1.6.1",
+            sop_class_uid=str(UltrasoundMultiFrameImageStorage if n > 1
+                              else UltrasoundImageStorage),
             study_instance_uid="1.2.3",
             series_instance_uid="1.2.3.5",
             modality=modality,
