@@ -165,13 +165,16 @@ class _Registration:
 class _Entry:
     """One registration waiting for its group's commit."""
 
-    __slots__ = ("done", "error", "outcome", "registration")
+    __slots__ = ("error", "outcome", "registration")
 
     def __init__(self, registration: _Registration) -> None:
         self.registration = registration
         self.outcome: RegisterOutcome | None = None
         self.error: BaseException | None = None
-        self.done = False
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None or self.error is not None
 
 
 class GroupCommit:
@@ -236,16 +239,15 @@ class GroupCommit:
                     entry.outcome = _register_alone(db, entry.registration)
                 except Exception as exc:
                     entry.error = exc
-                entry.done = True
             return
         except BaseException as exc:
             for entry in group:
-                entry.error, entry.done = exc, True
+                entry.error = exc
             if not isinstance(exc, Exception):
                 raise
             return
         for entry, outcome in zip(group, outcomes, strict=True):
-            entry.outcome, entry.done = outcome, True
+            entry.outcome = outcome
 
 
 _GROUPS: weakref.WeakKeyDictionary[Database, GroupCommit] = weakref.WeakKeyDictionary()

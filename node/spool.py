@@ -172,19 +172,17 @@ class Spool:
         self._make_dirs(final.parent)
         try:
             os.link(temp_file, final)
-        except FileExistsError:
-            _replace_durably(temp_file, final, data_synced=data_synced)
-            return final
         except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            # No hard link here: across file systems (a misconfigured temp dir), copy, then
-            # replace; on one without hard links, the rename after the data's fsync.
             if exc.errno == errno.EXDEV:
+                # Across file systems (a misconfigured temp dir): copy, then replace.
                 write_durably(final, lambda partial: shutil.copyfile(temp_file, partial))
                 temp_file.unlink(missing_ok=True)
-            else:
+            elif exc.errno in (errno.EEXIST, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                # A name already there, or a file system without hard links: the rename
+                # after the data's fsync.
                 _replace_durably(temp_file, final, data_synced=data_synced)
+            else:
+                raise
             return final
         try:
             fsync_dir(final.parent)
